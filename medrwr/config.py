@@ -1,0 +1,372 @@
+"""One config system for every command: YAML files mapped onto typed dataclasses, plus ``--set`` overrides.
+
+Precedence (lowest first): the dataclass defaults, the YAML file, ``--set section.key=value`` flags.
+Unknown keys and wrong types are errors naming the key and the file. Each section validates its own
+values in ``__post_init__`` and says how to fix a bad one.
+
+>>> cfg = load_config(None, ["retrieval.k=5", "rollout.max_rounds=2"])
+>>> (cfg.retrieval.k, cfg.rollout.max_rounds)
+(5, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+
+DEFAULT_RETRIEVAL_PORT = 8321
+DEFAULT_API_PORT = 8322
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key, the value and the source."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class RetrievalConfig:
+    """Knowledge-base retrieval (``medrwr index``, ``medrwr retrieve``, the rollout's retriever)."""
+
+    index: str | None = None
+    """Index directory; None means the shipped default knowledge base (built on first use)."""
+    url: str | None = None
+    """Use a running retrieval server instead of an in-process index (e.g. http://127.0.0.1:8321)."""
+    mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    k: int = 3
+    encoder: str = "default"
+    """Text encoder: ``default`` (packaged MiniLM), a hub id or a local sentence-transformers folder."""
+    faiss_index: Literal["flat", "ivf", "hnsw"] = "flat"
+    ivf_nlist: int = 1024
+    hnsw_m: int = 32
+    rrf_k: int = 60
+    bm25_weight: float = 1.0
+    dense_weight: float = 1.0
+    stemmer: str | None = "english"
+    stopwords: str | None = "en"
+    batch_size: int = 64
+    chunk_words: int = 0
+    """Chunk long passages into this many words (0 keeps passages whole)."""
+    chunk_overlap: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, f"retrieval.k must be >= 1, got {self.k}")
+        _check(self.rrf_k >= 1, f"retrieval.rrf_k must be >= 1, got {self.rrf_k}")
+        _check(self.batch_size >= 1, f"retrieval.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.chunk_words >= 0, "retrieval.chunk_words must be >= 0 (0 keeps passages whole)")
+        _check(
+            0 <= self.chunk_overlap < max(self.chunk_words, 1),
+            f"retrieval.chunk_overlap must be in [0, chunk_words), got {self.chunk_overlap}",
+        )
+        _check(self.bm25_weight >= 0 and self.dense_weight >= 0, "retrieval weights must be >= 0")
+
+
+@dataclass
+class ServerConfig:
+    """The retrieval service (``medrwr serve retrieval``) and the API (``medrwr serve api``)."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_RETRIEVAL_PORT
+    api_port: int = DEFAULT_API_PORT
+    api_key_env: str | None = None
+    """Name of an environment variable holding a bearer token; None disables auth."""
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    max_queries_per_request: int = 256
+    max_query_chars: int = 4096
+    max_k: int = 100
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, f"server.port must be in 1..65535, got {self.port}")
+        _check(0 < self.api_port < 65536, f"server.api_port must be in 1..65535, got {self.api_port}")
+        _check(self.max_batch_size >= 1, "server.max_batch_size must be >= 1")
+        _check(self.max_wait_ms >= 0, "server.max_wait_ms must be >= 0")
+        _check(self.max_queue >= 1, "server.max_queue must be >= 1")
+        _check(self.max_k >= 1, "server.max_k must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    """The reason-query-retrieve loop (METHOD.md §1)."""
+
+    max_rounds: int = 3
+    """Maximum retrievals per rollout."""
+    queries_per_turn: int = 0
+    """Queries retrieved per turn; 0 = all of them (the reference took only the first: set 1)."""
+    max_new_tokens_per_turn: int = 1024
+    max_total_new_tokens: int = 4096
+    max_inserted_tokens: int = 512
+    """Budget of one retrieve block; documents are truncated, never the model's text."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_image_pixels: int = 262_144
+
+    def __post_init__(self) -> None:
+        _check(self.max_rounds >= 0, f"rollout.max_rounds must be >= 0, got {self.max_rounds}")
+        _check(self.queries_per_turn >= 0, "rollout.queries_per_turn must be >= 0 (0 = all)")
+        _check(self.max_new_tokens_per_turn >= 1, "rollout.max_new_tokens_per_turn must be >= 1")
+        _check(
+            self.max_total_new_tokens >= self.max_new_tokens_per_turn,
+            "rollout.max_total_new_tokens must be >= rollout.max_new_tokens_per_turn",
+        )
+        _check(self.max_inserted_tokens >= 16, "rollout.max_inserted_tokens must be >= 16")
+        _check(self.temperature >= 0, "rollout.temperature must be >= 0 (0 = greedy)")
+
+
+@dataclass
+class CDIRConfig:
+    """Confidence-driven image re-retrieval (METHOD.md §5)."""
+
+    enabled: bool = False
+    threshold: float = 0.8
+    """Paper: 0.8. The reference code used 0.9."""
+    image_index: str | None = None
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.threshold <= 1.0, f"cdir.threshold must be in [0, 1], got {self.threshold}")
+        _check(self.k >= 1, "cdir.k must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    """Reward weights (METHOD.md §2): total = format + 5 accuracy + 0.4 query + 5 confidence gain."""
+
+    format_weight: float = 1.0
+    accuracy_weight: float = 5.0
+    query_weight: float = 0.4
+    confidence_weight: float = 5.0
+    length_weight: float = 0.0
+    """The reference code's length penalty; off by default."""
+    compat: bool = False
+    """Reproduce the reference code's format reward and first-pass confidence gain."""
+    image_encoder: str | None = None
+    """CLIP-family encoder for the image–query reward (hub id or path); None disables that term."""
+    entity_extractor: Literal["lexicon", "scispacy"] = "lexicon"
+
+
+@dataclass
+class ModelConfig:
+    """The policy model."""
+
+    name: str | None = None
+    """Hub id or local path; None = the packaged SmolLM2-135M-Instruct (text only)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Two-stage GRPO (METHOD.md §3)."""
+
+    stage: int = 1
+    output_dir: str = "runs/medrwr"
+    dataset: str | None = None
+    num_generations: int = 8
+    per_device_batch_size: int = 8
+    learning_rate: float = 1e-6
+    warmup_ratio: float = 0.05
+    beta: float = 1e-3
+    epsilon: float = 0.2
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 42
+    bf16: bool = False
+    lora: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (1, 2), f"train.stage must be 1 or 2, got {self.stage}")
+        _check(self.num_generations >= 2, "train.num_generations must be >= 2 (GRPO needs a group)")
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    modes: list[str] = field(default_factory=lambda: ["rwr"])
+    output_dir: str = "runs/eval"
+    limit: int | None = None
+
+
+@dataclass
+class Config:
+    """Every section. A YAML file may set any subset; unknown sections are errors."""
+
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    cdir: CDIRConfig = field(default_factory=CDIRConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert the few lossless cases (int -> float)."""
+    origin = get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key} in {source}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} in {source}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (list, Sequence, typing.Sequence) or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} in {source}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} in {source}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} in {source}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, source=source, prefix=key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} in {source}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} in {source}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} in {source}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} in {source}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types by name."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{full}' in {source}; valid keys here: {', '.join(sorted(names))}"
+            )
+        kwargs[key] = _coerce(value, hints[key], full, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {source})") from None
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (``5`` -> int, ``true`` -> bool, ``[a, b]`` -> list)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings onto a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. retrieval.k=5)")
+        path, _, raw = item.partition("=")
+        parts = [p for p in path.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping with an error that names the file and the problem."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must contain a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults < YAML file < ``--set`` overrides, as one typed :class:`Config`."""
+    data = read_yaml(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    if overrides:
+        apply_overrides(data, overrides)
+        source = f"{source} + --set overrides" if path else "--set overrides"
+    return from_dict(Config, data, source=source)
+
+
+__all__ = [
+    "CDIRConfig",
+    "Config",
+    "ConfigError",
+    "DEFAULT_API_PORT",
+    "DEFAULT_RETRIEVAL_PORT",
+    "EvalConfig",
+    "ModelConfig",
+    "RetrievalConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "ServerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "read_yaml",
+]

@@ -1,0 +1,1 @@
+"""medrwr.eval layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""medrwr.eval.datasets layer (see DESIGN.md)."""

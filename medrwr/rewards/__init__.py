@@ -1,0 +1,1 @@
+"""medrwr.rewards layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""medrwr.rollout.backends layer (see DESIGN.md)."""

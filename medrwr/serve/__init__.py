@@ -1,0 +1,1 @@
+"""medrwr.serve layer (see DESIGN.md)."""

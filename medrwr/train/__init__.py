@@ -1,0 +1,1 @@
+"""medrwr.train layer (see DESIGN.md)."""
