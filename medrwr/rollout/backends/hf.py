@@ -1,0 +1,465 @@
+"""The transformers backend: ``model.generate`` on CPU or GPU, for text-only causal LMs and Qwen2.5-VL-style VLMs.
+
+* **Token ids in, token ids out.** Rows are left-padded per call; the new tokens of each row are returned
+  exactly as sampled (checked: the returned sequences start with the ids we fed).
+* **Stops.** A stopping criterion decodes the last few *new* tokens of each unfinished row and stops it at the
+  first stop string (the token that completed it is kept whole), an end-of-sequence token, or its own budget.
+  Rows have their own budgets inside one batched call.
+* **Log-probabilities without storing logits.** A logits processor placed before every other processor sees
+  the raw logits at each step; it keeps each row's log-normaliser, the log-probabilities of the watched ids
+  (the option letters) and optionally the top-N, and reads the sampled token's log-probability one step later.
+  No ``[steps, batch, vocab]`` tensor is kept (``output_logits`` would need gigabytes on a 151k vocabulary).
+* **Images on every turn.** Each call re-supplies every image of a row (``pixel_values``, ``image_grid_thw``)
+  together with ``mm_token_type_ids``, which transformers 5 needs to compute Qwen2.5-VL's M-RoPE positions.
+* **Sampling settings are explicit.** Fields left unset in a ``GenerationConfig`` are filled from the
+  checkpoint's (Qwen2.5-VL ships ``top_k=1, repetition_penalty=1.05``), so every knob is set here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from medrwr.rollout.backends.base import (
+    BackendError,
+    Continuation,
+    FinishReason,
+    GenerationState,
+    MultimodalInputs,
+    PromptInputs,
+    find_stop,
+    per_row_budgets,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HFBackend", "load_hf_policy"]
+
+_STOP_WINDOW = 24  # tokens decoded per step to look for a stop string (a stop string spans far fewer)
+
+
+def _torch():
+    from medrwr._imports import require
+
+    return require("torch", "models", "the transformers policy backend")
+
+
+class _Recorder:
+    """Logits processor recording per-step log-probabilities from the raw logits (see module docstring)."""
+
+    def __init__(self, watch_ids: Sequence[int], top_n: int, prompt_len: int):
+        torch = _torch()
+        self.watch = torch.as_tensor(list(watch_ids), dtype=torch.long) if watch_ids else None
+        self.top_n = top_n
+        self.prompt_len = prompt_len
+        self.token_lp: list[Any] = []
+        self.watch_lp: list[Any] = []
+        self.top_ids: list[Any] = []
+        self.top_lp: list[Any] = []
+        self._prev_scores = None
+        self._prev_lse = None
+
+    def _take_sampled(self, tokens) -> None:
+        lp = self._prev_scores.gather(1, tokens[:, None].to(self._prev_scores.device)).squeeze(1) - self._prev_lse
+        self.token_lp.append(lp)
+
+    def __call__(self, input_ids, scores):
+        torch = _torch()
+        if input_ids.shape[1] > self.prompt_len:
+            self._take_sampled(input_ids[:, -1])
+        raw = scores.float()
+        lse = torch.logsumexp(raw, dim=-1)
+        if self.watch is not None:
+            w = self.watch.to(raw.device)
+            self.watch_lp.append(raw[:, w] - lse[:, None])
+        if self.top_n:
+            v, i = raw.topk(self.top_n, dim=-1)
+            self.top_ids.append(i)
+            self.top_lp.append(v - lse[:, None])
+        self._prev_scores, self._prev_lse = raw, lse
+        return scores
+
+    def finish(self, last_tokens) -> None:
+        """Read the last step's sampled tokens (no processor call follows the final step)."""
+        if self._prev_scores is not None and last_tokens is not None:
+            self._take_sampled(last_tokens)
+            self._prev_scores = self._prev_lse = None
+
+    @staticmethod
+    def _stack(items: list[Any]):
+        return _torch().stack(items, dim=1).float().cpu() if items else None
+
+
+class _Stops:
+    """Stopping criterion: per-row stop strings, end-of-sequence and budgets; remembers why each row stopped."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int, budgets: list[int], eos: set[int]):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.prompt_len = prompt_len
+        self.budgets = budgets
+        self.eos = eos
+        self.length: list[int | None] = [None] * len(budgets)
+        self.reason: list[FinishReason] = ["length"] * len(budgets)
+        self.stop_string: list[str | None] = [None] * len(budgets)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        torch = _torch()
+        n = input_ids.shape[1] - self.prompt_len
+        done = []
+        for b in range(input_ids.shape[0]):
+            if self.length[b] is None and n > 0:
+                last = int(input_ids[b, -1])
+                if last in self.eos:
+                    self.length[b], self.reason[b] = n, "eos"
+                else:
+                    if self.stop:
+                        window = input_ids[b, max(self.prompt_len, input_ids.shape[1] - _STOP_WINDOW) :].tolist()
+                        text = self.tokenizer.decode(window, skip_special_tokens=False)
+                        hit = find_stop(text, self.stop)
+                        if hit is not None:
+                            self.length[b], self.reason[b], self.stop_string[b] = n, "stop", hit[1]
+                    if self.length[b] is None and n >= self.budgets[b]:
+                        self.length[b], self.reason[b] = n, "length"
+            done.append(self.length[b] is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class HFBackend:
+    """A transformers model (+ its processor or tokenizer) behind the :class:`PolicyBackend` interface.
+
+    ``logits_processors`` run after the log-probability recorder (tests pass a scripted-transcript forcer);
+    ``temperature=0`` is greedy decoding.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        logits_processors: Sequence[Any] = (),
+        top_logprobs: int = 0,
+    ):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", None) or processor
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.supports_images = self.image_processor is not None and hasattr(getattr(model, "config", None), "vision_config")
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.seed = seed
+        self.logits_processors = list(logits_processors)
+        self.top_logprobs = top_logprobs
+        self._eos = self._find_eos()
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = getattr(model.generation_config, "pad_token_id", None)
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0]
+        self.pad_token_id = int(pad) if pad is not None else min(self._eos)
+        self.image_token_id = self._token_id(getattr(processor, "image_token", None) or "<|image_pad|>")
+        self.video_token_id = self._token_id(getattr(processor, "video_token", None) or "<|video_pad|>")
+        self.vision_start_id = self._token_id("<|vision_start|>")
+        self.vision_end_id = self._token_id("<|vision_end|>")
+        self.forward_calls = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _token_id(self, token: str) -> int | None:
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        tid = vocab.get(token)
+        if tid is None and hasattr(self.tokenizer, "added_tokens_encoder"):
+            tid = self.tokenizer.added_tokens_encoder.get(token)
+        return tid
+
+    def _find_eos(self) -> set[int]:
+        ids: set[int] = set()
+        gc_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for src in (gc_eos, self.tokenizer.eos_token_id):
+            if src is None:
+                continue
+            ids.update(int(x) for x in (src if isinstance(src, (list, tuple)) else [src]))
+        if not ids:
+            raise BackendError("the model has no end-of-sequence token id (set generation_config.eos_token_id)")
+        return ids
+
+    def eos_token_ids(self) -> set[int]:
+        return set(self._eos)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ prompts and images
+
+    def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
+        """Render with the chat template; for a VLM exactly ``processor.apply_chat_template(..., tokenize=True)``."""
+        if self.supports_images and any(isinstance(m.get("content"), list) for m in messages):
+            enc = self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
+            ids = [int(x) for x in enc["input_ids"][0].tolist()]
+            mm = None
+            if "pixel_values" in enc and enc.get("image_grid_thw") is not None:
+                mm = self._split_images(enc["pixel_values"], enc["image_grid_thw"], list(images))
+            return PromptInputs(prompt_ids=ids, mm=mm)
+        if any(isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"]) for m in messages):
+            raise BackendError(
+                "this policy is text-only but the prompt has images: pass a vision-language model "
+                "(e.g. --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder)"
+            )
+        flat = [
+            {**m, "content": m["content"] if isinstance(m.get("content"), str)
+             else "".join(str(p.get("text", "")) for p in m.get("content", []))}
+            for m in messages
+        ]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BackendError("the tokenizer has no chat template; use an instruct checkpoint")
+        enc = self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+        if hasattr(enc, "keys"):
+            enc = enc["input_ids"]
+        if enc and isinstance(enc[0], list):
+            enc = enc[0]
+        return PromptInputs(prompt_ids=[int(x) for x in enc], mm=None)
+
+    def _split_images(self, pixel_values, grid_thw, images: list[Any]) -> MultimodalInputs:
+        rows = [int(g.prod()) for g in grid_thw]
+        pv, grids, at = [], [], 0
+        for i, n in enumerate(rows):
+            pv.append(pixel_values[at : at + n])
+            grids.append(grid_thw[i : i + 1])
+            at += n
+        if at != pixel_values.shape[0]:
+            raise BackendError(f"pixel_values has {pixel_values.shape[0]} rows, image_grid_thw says {at}")
+        imgs = images if len(images) == len(rows) else [None] * len(rows)
+        return MultimodalInputs(images=list(imgs), data={"pixel_values": pv, "image_grid_thw": grids})
+
+    def encode_image(self, image: Any) -> tuple[list[int], MultimodalInputs]:
+        """Placeholder ids (``<|vision_start|><|image_pad|>×n<|vision_end|>``) and model inputs for one image."""
+        if not self.supports_images:
+            raise BackendError(
+                "CDIR inserts an image, which needs a vision-language model "
+                "(e.g. --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder)"
+            )
+        out = self.image_processor(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"]
+        merge = int(getattr(self.image_processor, "merge_size", 2))
+        n = int(grid[0].prod()) // (merge * merge)
+        if None in (self.vision_start_id, self.vision_end_id, self.image_token_id):
+            raise BackendError("the tokenizer lacks <|vision_start|>/<|image_pad|>/<|vision_end|>")
+        ids = [self.vision_start_id] + [self.image_token_id] * n + [self.vision_end_id]
+        mm = MultimodalInputs(images=[image], data={"pixel_values": [out["pixel_values"]], "image_grid_thw": [grid]})
+        return ids, mm
+
+    # ------------------------------------------------------------------ generation
+
+    def _generation_config(self, max_new: int):
+        from transformers import GenerationConfig
+
+        sample = self.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=max_new,
+            min_new_tokens=0,
+            do_sample=sample,
+            temperature=self.temperature if sample else 1.0,
+            top_p=self.top_p if sample else 1.0,
+            top_k=self.top_k if sample else 0,
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            num_beams=1,
+            num_return_sequences=1,
+            eos_token_id=sorted(self._eos),
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=False,
+            use_cache=True,
+        )
+
+    def _batch(self, states: Sequence[GenerationState]) -> dict[str, Any]:
+        torch = _torch()
+        width = max(len(s.ids) for s in states)
+        ids = torch.full((len(states), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(states), width), dtype=torch.long)
+        for b, s in enumerate(states):
+            if not s.ids:
+                raise BackendError("a generation state has no ids (the prompt is empty)")
+            ids[b, width - len(s.ids) :] = torch.as_tensor(s.ids, dtype=torch.long)
+            mask[b, width - len(s.ids) :] = 1
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        pv = [t for s in states if s.mm for t in s.mm.data.get("pixel_values", [])]
+        grids = [g for s in states if s.mm for g in s.mm.data.get("image_grid_thw", [])]
+        n_pad = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        if pv:
+            if not self.supports_images:
+                raise BackendError("images were given to a text-only model")
+            merge = int(getattr(self.image_processor, "merge_size", 2))
+            expect = sum(int(g.prod()) // (merge * merge) for g in grids)
+            if expect != n_pad:
+                raise BackendError(
+                    f"the ids hold {n_pad} image placeholder tokens but the images need {expect}: "
+                    "the images and the ids are out of step"
+                )
+            batch["pixel_values"] = torch.cat(pv, dim=0)
+            batch["image_grid_thw"] = torch.cat(grids, dim=0)
+            types = torch.zeros_like(ids)
+            types[ids == self.image_token_id] = 1
+            if self.video_token_id is not None:
+                types[ids == self.video_token_id] = 2
+            batch["mm_token_type_ids"] = types * mask
+        elif n_pad:
+            raise BackendError(f"the ids hold {n_pad} image placeholder tokens but no image inputs were given")
+        return batch
+
+    def generate(
+        self,
+        states: Sequence[GenerationState],
+        stop: Sequence[str],
+        max_new_tokens: int | Sequence[int],
+        *,
+        watch_token_ids: Sequence[int] = (),
+        top_logprobs: int = 0,
+    ) -> list[Continuation]:
+        torch = _torch()
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        if not states:
+            return []
+        budgets = per_row_budgets(max_new_tokens, len(states))
+        if max(budgets) == 0:
+            return [Continuation([], [], "length") for _ in states]
+        batch = self._batch(states)
+        width = batch["input_ids"].shape[1]
+        device = self.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        top_n = max(top_logprobs, self.top_logprobs)
+        recorder = _Recorder(watch_token_ids, top_n, width)
+        stops = _Stops(self.tokenizer, stop, width, budgets, self._eos)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        with torch.inference_mode():
+            seqs = self.model.generate(
+                **batch,
+                generation_config=self._generation_config(max(budgets)),
+                logits_processor=LogitsProcessorList([recorder, *self.logits_processors]),
+                stopping_criteria=StoppingCriteriaList([stops]),
+            )
+        self.forward_calls += 1
+        seqs = seqs.cpu()
+        if not torch.equal(seqs[:, :width], batch["input_ids"].cpu()):
+            raise BackendError("generate() returned sequences that do not start with the ids fed to it")
+        new = seqs[:, width:]
+        recorder.finish(new[:, -1] if new.shape[1] else None)
+        steps = new.shape[1]
+        token_lp = recorder._stack(recorder.token_lp)
+        if token_lp is None:
+            token_lp = torch.zeros((len(states), 0))
+        watch = recorder._stack(recorder.watch_lp)
+        tops = (torch.stack(recorder.top_ids, 1).cpu(), recorder._stack(recorder.top_lp)) if recorder.top_ids else None
+        out = []
+        for b in range(len(states)):
+            n = stops.length[b]
+            reason = stops.reason[b]
+            if n is None:  # stopped by generate itself (max_new_tokens for the batch or its own eos check)
+                row = new[b].tolist()
+                n = next((i + 1 for i, t in enumerate(row) if t in self._eos), min(steps, budgets[b]))
+                reason = "eos" if n and row[n - 1] in self._eos else "length"
+            ids = [int(t) for t in new[b, :n].tolist()]
+            lps = [float(x) for x in token_lp[b, :n].tolist()]
+            if len(lps) != len(ids):
+                raise BackendError(f"recorded {len(lps)} log-probabilities for {len(ids)} tokens")
+            out.append(
+                Continuation(
+                    token_ids=ids,
+                    logprobs=lps,
+                    finish_reason=reason,
+                    stop_string=stops.stop_string[b] if reason == "stop" else None,
+                    watch_logprobs=watch[b, :n].numpy() if watch is not None else None,
+                    top_ids=tops[0][b, :n].numpy() if tops else None,
+                    top_logprobs=tops[1][b, :n].numpy() if tops else None,
+                )
+            )
+        return out
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".gguf"
+
+
+def _torch_dtype(dtype: str):
+    torch = _torch()
+    if dtype == "auto":
+        return "auto"
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise BackendError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def load_hf_policy(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    **backend_kwargs: Any,
+) -> HFBackend:
+    """Load a policy by hub id, local folder or ``.gguf`` file; None = the packaged SmolLM2-135M-Instruct.
+
+    Vision-language checkpoints (a config with ``vision_config``) load with ``AutoModelForImageTextToText`` and
+    :func:`medrwr.rollout.backends.processing.load_processor`; others with ``AutoModelForCausalLM``.
+    """
+    _torch()
+    from medrwr._imports import require
+
+    transformers = require("transformers", "models", "the transformers policy backend")
+    from medrwr.rollout.backends.processing import load_processor, load_tokenizer
+
+    if device == "auto":
+        torch = _torch()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name_or_path is None:
+        from medrwr.testing import smollm2_gguf_path
+
+        name_or_path = smollm2_gguf_path()
+    path = Path(name_or_path).expanduser()
+    if _is_gguf(path):
+        require("gguf", "models", "loading GGUF checkpoints")
+        folder, name = str(path.parent), path.name
+        logger.info("loading GGUF policy %s (dequantised to float32)", path)
+        tok = load_tokenizer(folder, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        return HFBackend(model.to(device).eval(), tok, **backend_kwargs)
+    if str(name_or_path).startswith((".", "/", "~")) and not path.exists():
+        raise BackendError(f"no model at {path}: pass a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a local folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(name_or_path))
+    except OSError as exc:
+        raise BackendError(
+            f"cannot load model config for {name_or_path!r}: {exc}. Pass a hub id reachable from this machine "
+            "or a local checkpoint folder."
+        ) from None
+    torch_dtype = _torch_dtype(dtype)
+    if hasattr(config, "vision_config"):
+        auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        model = auto.from_pretrained(str(name_or_path), dtype=torch_dtype)
+        processor = load_processor(name_or_path)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
+        processor = load_tokenizer(name_or_path)
+    return HFBackend(model.to(device).eval(), processor, **backend_kwargs)
+
