@@ -230,7 +230,47 @@ def serve_retrieval(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Run the batched retrieval HTTP service."""
-    _not_built("serve retrieval", "issue: retrieval service")
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    cfg = _config(config, overrides)
+    changes = {k: v for k, v in (("host", host), ("port", port), ("api_key_env", api_key_env)) if v is not None}
+    try:
+        cfg.server = dataclasses.replace(cfg.server, **changes)
+    except ConfigError as exc:
+        raise CLIError(f"bad option: {exc}") from None
+    index_path = index or cfg.retrieval.index
+    if index_path is not None and not Path(index_path).expanduser().exists():
+        raise CLIError(
+            f"index directory {index_path} does not exist; build one with "
+            f"`medrwr index build --corpus PATH --out {index_path}` (or omit --index for the shipped KB)"
+        )
+    if ray and shards < 1:
+        raise CLIError(f"--shards must be >= 1, got {shards}")
+    if cfg.server.api_key_env and not os.environ.get(cfg.server.api_key_env):
+        raise CLIError(f"--api-key-env {cfg.server.api_key_env}: that environment variable is empty or unset")
+    from medrwr.retrieval.server import PortInUse, serve
+
+    def ready(url: str) -> None:
+        auth = f", bearer key from ${cfg.server.api_key_env}" if cfg.server.api_key_env else ""
+        err_console.print(
+            f"[green]retrieval service[/green] at [bold]{url}[/bold] (POST /v1/search, /v1/search/image, /queries; "
+            f"GET /healthz, /metrics{auth}); Ctrl-C stops it"
+        )
+
+    log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
+    try:
+        if ray:
+            from medrwr.retrieval.distributed import serve_sharded
+
+            serve_sharded(index_path, shards, config=cfg, on_ready=ready, log_level=log_level)
+        else:
+            serve(index_path, config=cfg, on_ready=ready, log_level=log_level)
+    except PortInUse as exc:
+        raise CLIError(str(exc)) from None
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise CLIError(str(exc)) from None
 
 
 @serve_app.command("api")

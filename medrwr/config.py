@@ -72,7 +72,7 @@ class RetrievalConfig:
     fusion_depth: int = 50
     """Candidates taken from each retriever before RRF fusion and de-duplication."""
     n_threads: int = 0
-    """Threads for batched BM25 and FAISS (0 = library defaults, -1 = all CPUs)."""
+    """FAISS OpenMP threads for search (0 = one: batches go through BLAS; -1 = all CPUs)."""
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, f"retrieval.k must be >= 1, got {self.k}")

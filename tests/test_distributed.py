@@ -10,14 +10,19 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("bm25s")
 pytest.importorskip("faiss")
 
-from medrwr.retrieval.corpus import Document  # noqa: E402
-from medrwr.retrieval.distributed import IndexShard, ShardedRetriever, merge_rankings, shard_bounds, split_index  # noqa: E402
+from medrwr.retrieval.corpus import Document
+from medrwr.retrieval.distributed import (
+    IndexShard,
+    ShardedRetriever,
+    merge_rankings,
+    shard_bounds,
+    split_index,
+)
 
 _TOPICS = [
     ("sepsis", "infection with organ dysfunction", "lactate, cultures and early antibiotics"),
@@ -34,7 +39,7 @@ _TOPICS = [
     ("pancreatitis", "epigastric pain radiating to the back", "fluids and analgesia"),
 ]
 _SECTIONS = ["summary", "signs", "tests", "management", "follow-up", "special groups", "pitfalls"]
-_WORDS = "acute chronic adult child elderly rare common severe mild recurrent primary secondary".split()
+_WORDS = ["acute", "chronic", "adult", "child", "elderly", "rare", "common", "severe", "mild", "recurrent", "primary", "secondary"]
 
 QUERIES = [
     "neck stiffness with fever",
@@ -86,11 +91,12 @@ def shard_dirs(index_dir, tmp_path_factory):
 
 
 def _same(got, want) -> None:
+    """Equal results: the same documents in the same order (ties included), the same scores."""
     assert [[h.doc_id for h in hs] for hs in got] == [[h.doc_id for h in hs] for hs in want]
-    for a_list, b_list in zip(got, want):
-        for a, b in zip(a_list, b_list):
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
             assert (a.text, a.title, a.source) == (b.text, b.title, b.source)
-            assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-6)
+            assert a.score == pytest.approx(b.score, rel=1e-6, abs=1e-7)
 
 
 def test_shard_bounds():
@@ -104,7 +110,10 @@ def test_merge_rankings_is_global_top_by_score():
     a = [([0, 2], [5.0, 1.0])]
     b = [([7, 9, 8], [4.0, 3.0, 1.0])]
     assert merge_rankings([a, b], depth=3) == [([0, 7, 9], [5.0, 4.0, 3.0])]
-    assert merge_rankings([a, b], depth=10)[0][0] == [0, 7, 9, 2, 8]  # tie at 1.0: lower row first
+    assert merge_rankings([a, b], depth=10)[0][0] == [0, 7, 9, 2, 8]  # tie at 1.0: earlier shard first (bm25s)
+    assert merge_rankings([a, b], depth=10, later_shards_first=True)[0][0] == [0, 7, 9, 8, 2]  # as FAISS
+    c = [([3, 1], [2.0, 2.0])]  # a shard's own order of its ties is kept
+    assert merge_rankings([c, [([], [])]], depth=2)[0][0] == [3, 1]
 
 
 def test_shards_are_valid_indexes_with_global_bm25_statistics(index_dir, shard_dirs, unsharded):
@@ -146,7 +155,7 @@ def test_sharded_results_equal_unsharded(shard_dirs, unsharded, n, mode):
     sharded = ShardedRetriever.from_dirs(shard_dirs[n])
     try:
         assert sharded.doc_count == unsharded.doc_count and sharded.modes == unsharded.modes
-        for k in (1, 3, 10):
+        for k in (1, 3, 10, 50):
             _same(sharded.search(QUERIES, k=k, mode=mode), unsharded.search(QUERIES, k=k, mode=mode))
         # the de-duplication of identical passages happens after the merge, as in the unsharded index
         lactate = sharded.search(["lactate clearance"], k=4, mode=mode)[0]
@@ -191,6 +200,36 @@ def test_ray_serve_two_shards_equal_unsharded(shard_dirs, unsharded):
             _same(remote.search(QUERIES, k=5, mode=mode), unsharded.search(QUERIES, k=5, mode=mode))
         with pytest.raises(Exception, match="k must be a positive integer"):
             remote.search(["x"], k=0)
+        # what `medrwr serve retrieval --ray` runs: our HTTP service in front of the Ray router
+        _check_http_front(remote, unsharded)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _check_http_front(retriever, unsharded) -> None:
+    import threading
+    import time
+
+    import httpx
+
+    from medrwr.config import ServerConfig
+    from medrwr.retrieval.client import RetrievalClient
+    from medrwr.retrieval.server import bind_socket, create_app, make_uvicorn_server
+
+    cfg = ServerConfig()
+    sock = bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = make_uvicorn_server(create_app(retriever, config=cfg), cfg)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["documents"] == unsharded.doc_count and health["modes"] == ["bm25", "dense", "hybrid"]
+        _same(RetrievalClient(url).search(QUERIES, k=3, mode="hybrid"), unsharded.search(QUERIES, k=3, mode="hybrid"))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -16,7 +16,13 @@ import time
 import httpx
 import pytest
 
-from medrwr.retrieval.base import BadRetrievalResponse, Hit, RetrievalError, RetrievalTimeout, RetrievalUnavailable
+from medrwr.retrieval.base import (
+    BadRetrievalResponse,
+    Hit,
+    RetrievalError,
+    RetrievalTimeout,
+    RetrievalUnavailable,
+)
 from medrwr.retrieval.client import AsyncRetrievalClient, RetrievalClient, RetrievalRequestError, _retry_after
 
 URL = "http://retrieval.test"

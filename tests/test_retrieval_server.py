@@ -22,11 +22,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("bm25s")
 pytest.importorskip("faiss")
 
-from medrwr.config import ServerConfig  # noqa: E402
-from medrwr.retrieval.base import RetrievalTimeout, RetrievalUnavailable  # noqa: E402
-from medrwr.retrieval.client import AsyncRetrievalClient, RetrievalClient, RetrievalRequestError  # noqa: E402
-from medrwr.retrieval.corpus import Document  # noqa: E402
-from medrwr.retrieval.server import bind_socket, create_app, make_uvicorn_server  # noqa: E402
+from medrwr.config import ServerConfig
+from medrwr.retrieval.base import RetrievalTimeout, RetrievalUnavailable
+from medrwr.retrieval.client import AsyncRetrievalClient, RetrievalClient, RetrievalRequestError
+from medrwr.retrieval.corpus import Document
+from medrwr.retrieval.server import bind_socket, create_app, make_uvicorn_server
 
 # ------------------------------------------------------------------------------------------ corpus
 
@@ -160,7 +160,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         sock = bind_socket("127.0.0.1", self.port)
         self.port = sock.getsockname()[1]
         self.server = make_uvicorn_server(self.app, self.config)
@@ -179,7 +179,7 @@ class ServerThread:
             self.thread.join(timeout=30)
             assert not self.thread.is_alive(), "server thread did not stop"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -546,3 +546,30 @@ def test_one_failing_request_does_not_fail_its_batch(retriever):
         ok1, bad, ok2 = asyncio.run(go())
         assert ok1.status_code == 200 and ok2.status_code == 200
         assert bad.status_code == 400 and "poison" in bad.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _err(capsys) -> str:
+    return " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+
+
+def test_cli_serve_retrieval_clear_errors(index_dir, tmp_path, capsys, monkeypatch):
+    from medrwr.cli import main
+
+    assert main(["serve", "retrieval", "--index", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in _err(capsys)
+    taken = bind_socket("127.0.0.1", 0)
+    try:
+        port = taken.getsockname()[1]
+        assert main(["serve", "retrieval", "--index", str(index_dir), "--port", str(port)]) == 1
+        err = _err(capsys)
+        assert "already in use" in err and str(port) in err
+    finally:
+        taken.close()
+    monkeypatch.delenv("MEDRWR_UNSET_KEY", raising=False)
+    assert main(["serve", "retrieval", "--index", str(index_dir), "--api-key-env", "MEDRWR_UNSET_KEY"]) == 1
+    assert "MEDRWR_UNSET_KEY" in _err(capsys)
+    assert main(["serve", "retrieval", "--index", str(index_dir), "--port", "70000"]) == 1
+    assert "server.port" in _err(capsys)

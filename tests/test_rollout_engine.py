@@ -102,13 +102,9 @@ def test_confidence_reads_first_non_whitespace_token(qwen_tokenizer, answer):
     # The token read is the first one holding a non-whitespace character after "<answer>".
     text_after = "".join(first_tokens).split(">", 1)[1]
     assert text_after.strip()[0] in "bB("
-    if answer.startswith("<answer>("):
-        assert tr.confidence == pytest.approx(0.95, abs=0.01)  # "(" is not a letter: its own probability
-        assert tr.choice == "B"
-    else:
-        assert tr.confidence == pytest.approx(0.5)
-        assert tr.choice == "B"
-        assert tr.option_probs["B"] == pytest.approx(0.5)
+    assert tr.confidence == pytest.approx(0.5)  # the letter's token, not "(" or whitespace
+    assert tr.choice == "B"
+    assert tr.option_probs["B"] == pytest.approx(0.5)
 
 
 def test_one_batched_search_per_step(qwen_tokenizer):
@@ -140,7 +136,10 @@ def test_several_queries_in_one_turn(qwen_tokenizer):
 
     class Overshoot(ScriptedBackend):
         def generate(self, states, stop, max_new_tokens, **kw):
-            return super().generate(states, ["</query>\n<query>pneumothorax</query>", "</answer>"], max_new_tokens, **kw)
+            conts = super().generate(states, ["</query>\n<query>pneumothorax</query>", "</answer>"], max_new_tokens, **kw)
+            for c in conts:  # it reports the stop string it ended on, as vLLM does
+                c.stop_string = "</query>" if c.stop_string and c.stop_string.endswith("</query>") else c.stop_string
+            return conts
 
     backend = Overshoot(tok, {"0": script})
     retriever = FakeRetriever(DOCS)
@@ -190,14 +189,13 @@ def test_turn_budget(qwen_tokenizer):
 
 def test_total_budget(qwen_tokenizer):
     tok = qwen_tokenizer
-    eng, backend, _ = engine_for(tok, {"0": TWO_ROUNDS}, config=RolloutConfig(max_new_tokens_per_turn=20,
-                                                                              max_total_new_tokens=24))
-    (tr,) = eng.run(ask())
-    first = backend.calls[0][0]["budget"]
     n1 = len(tok.encode(TWO_ROUNDS[0]))
-    assert first == 20 and n1 <= 20
-    assert backend.calls[1][0]["budget"] == 24 - n1
-    assert tr.num_model_tokens == 24 and tr.stop_reason == "max_tokens"
+    eng, backend, _ = engine_for(tok, {"0": TWO_ROUNDS}, config=RolloutConfig(max_new_tokens_per_turn=n1 + 5,
+                                                                              max_total_new_tokens=n1 + 8))
+    (tr,) = eng.run(ask())
+    assert backend.calls[0][0]["budget"] == n1 + 5
+    assert backend.calls[1][0]["budget"] == 8
+    assert tr.num_model_tokens == n1 + 8 and tr.stop_reason == "max_tokens"
     assert "max_total_new_tokens" in tr.error
     assert tr.num_inserted_tokens > 0  # inserted tokens do not count against the budget
 

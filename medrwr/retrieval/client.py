@@ -30,8 +30,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import Any
 
 from medrwr.retrieval.base import (
     BadRetrievalResponse,
@@ -394,10 +395,10 @@ class RetrievalClient(_ClientCore):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "RetrievalClient":
+    def __enter__(self) -> RetrievalClient:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -464,10 +465,10 @@ class AsyncRetrievalClient(_ClientCore):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncRetrievalClient":
+    async def __aenter__(self) -> AsyncRetrievalClient:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 

@@ -29,9 +29,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +103,13 @@ def split_index(
 
     from medrwr.retrieval.dense import DenseIndex
     from medrwr.retrieval.hybrid import BM25_DIR, EMBEDDINGS_FILE
-    from medrwr.retrieval.store import DocStore, DocStoreWriter, atomic_index_dir, load_manifest, write_manifest
+    from medrwr.retrieval.store import (
+        DocStore,
+        DocStoreWriter,
+        atomic_index_dir,
+        load_manifest,
+        write_manifest,
+    )
 
     src = Path(index_dir).expanduser().absolute()
     parent = load_manifest(src, verify=True)
@@ -224,17 +231,27 @@ class IndexShard:
 
 
 def merge_rankings(
-    per_shard: Sequence[list[tuple[list[int], list[float]]]], depth: int
+    per_shard: Sequence[list[tuple[list[int], list[float]]]], depth: int, later_shards_first: bool = False
 ) -> list[tuple[list[int], list[float]]]:
-    """Per query, the global top-``depth`` of all shards' lists by score (ties: lower row first)."""
+    """Per query, the global top-``depth`` of all shards' lists (given in row order) by score.
+
+    Exact ties keep each shard's own order; across shards the earlier shard (lower rows) comes first,
+    or the later one with ``later_shards_first``. That reproduces the unsharded engines: bm25s puts
+    tied rows in ascending order, FAISS in descending order (see :data:`_LATER_FIRST`).
+    """
     n_queries = len(per_shard[0]) if per_shard else 0
+    parts = list(reversed(per_shard)) if later_shards_first else list(per_shard)
     merged = []
     for q in range(n_queries):
-        rows = np.concatenate([np.asarray(s[q][0], dtype=np.int64) for s in per_shard])
-        scores = np.concatenate([np.asarray(s[q][1], dtype=np.float64) for s in per_shard])
-        order = np.lexsort((rows, -scores))[:depth]
+        rows = np.concatenate([np.asarray(s[q][0], dtype=np.int64) for s in parts])
+        scores = np.concatenate([np.asarray(s[q][1], dtype=np.float64) for s in parts])
+        order = np.argsort(-scores, kind="stable")[:depth]
         merged.append((rows[order].tolist(), scores[order].tolist()))
     return merged
+
+
+_LATER_FIRST = {"bm25": False, "dense": True}
+"""Tie order per mode, as the unsharded engines give it (bm25s: ascending rows; FAISS: descending)."""
 
 
 class _LocalShards:
@@ -310,7 +327,7 @@ class ShardedRetriever:
         self._encoder = encoder
 
     @classmethod
-    def from_dirs(cls, shard_dirs: Sequence[str | os.PathLike], config: RetrievalConfig | None = None) -> "ShardedRetriever":
+    def from_dirs(cls, shard_dirs: Sequence[str | os.PathLike], config: RetrievalConfig | None = None) -> ShardedRetriever:
         """Load every shard in this process (threads fan out); for tests and single-machine use."""
         shards = [IndexShard(p, config) for p in shard_dirs]
         return cls(_LocalShards(shards), [s.info() for s in shards], config)
@@ -356,7 +373,7 @@ class ShardedRetriever:
             vectors = encode_queries(self.encoder, queries, batch_size=self.config.batch_size)
         calls = [self._shards.submit(i, "rankings", queries, depth, need, vectors) for i in range(len(self._shards))]
         parts = [c.result() for c in calls]
-        merged = {m: merge_rankings([p[m] for p in parts], depth) for m in need}
+        merged = {m: merge_rankings([p[m] for p in parts], depth, _LATER_FIRST[m]) for m in need}
         if mode == "hybrid":
             from medrwr.retrieval.hybrid import rrf_fuse
 

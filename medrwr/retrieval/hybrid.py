@@ -149,7 +149,7 @@ class HybridRetriever:
                 from medrwr.retrieval.dense import DenseIndex, set_faiss_threads
 
                 dense = DenseIndex.load(p, nprobe=cfg.ivf_nprobe, ef_search=cfg.hnsw_ef_search)
-                set_faiss_threads((os.cpu_count() or 1) if cfg.n_threads == -1 else cfg.n_threads)
+                set_faiss_threads(cfg.n_threads)
         except IndexStoreError:
             raise
         except Exception as exc:

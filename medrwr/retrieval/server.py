@@ -39,10 +39,11 @@ import socket
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,7 +70,7 @@ class SearchRequest(BaseModel):
 
     queries: list[StrictStr]
     k: StrictInt = 3
-    mode: Optional[Literal["bm25", "dense", "hybrid"]] = None
+    mode: Literal["bm25", "dense", "hybrid"] | None = None
 
 
 class QueriesRequest(BaseModel):
@@ -124,8 +125,8 @@ class QueriesResponse(BaseModel):
 class ErrorInfo(BaseModel):
     message: str
     type: str
-    code: Optional[str] = None
-    param: Optional[str] = None
+    code: str | None = None
+    param: str | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -247,7 +248,7 @@ class _Batcher:
         max_batch: int,
         max_wait_s: float,
         max_queue: int,
-        metrics: "_Metrics",
+        metrics: _Metrics,
     ):
         self.name = name
         self._call = call
@@ -740,7 +741,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 class _MetricsMiddleware:
     """Pure ASGI: count requests by route template + status and time them (cheap, no BaseHTTPMiddleware)."""
 
-    def __init__(self, app: Any, get_metrics: Callable[[], Optional[_Metrics]]):
+    def __init__(self, app: Any, get_metrics: Callable[[], _Metrics | None]):
         self.app = app
         self._get_metrics = get_metrics
 
@@ -970,10 +971,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
-            raise PortInUse(
-                exc.errno,
-                f"port {port} on {host} is already in use: stop the other server or pick another with --port",
-            ) from None
+            err = PortInUse(f"port {port} on {host} is already in use: stop the other server or pick another with --port")
+            err.errno = exc.errno
+            raise err from None
         raise OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror}") from None
     sock.listen(2048)
     sock.set_inheritable(True)

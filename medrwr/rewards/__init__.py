@@ -22,7 +22,8 @@ name                      reward                                      range
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from medrwr.rewards.accuracy import accuracy_reward
 from medrwr.rewards.confidence_gain import ConfidenceGainReward, get_confidence_gain_reward
@@ -57,7 +58,9 @@ REWARDS: dict[str, RewardFunc] = {
 REWARD_NAMES: tuple[str, ...] = (*REWARDS, "confidence_gain", "total")
 
 
-def get_reward(name: str, config: Any = None, *, model: Any = None, processing_class: Any = None) -> RewardFunc:
+def get_reward(
+    name: str, config: Any = None, *, model: Any = None, processing_class: Any = None
+) -> RewardFunc:
     """A reward by registry name, configured from ``config`` (a ``RewardConfig``; defaults when None).
 
     ``confidence_gain`` (and ``total`` unless ``confidence_weight`` is 0) need the policy ``model`` and its
@@ -80,8 +83,9 @@ def get_reward(name: str, config: Any = None, *, model: Any = None, processing_c
     if name == "query_semantic_image":
         return get_query_semantic_image_reward(cfg.image_encoder)
     if name == "confidence_gain":
-        return get_confidence_gain_reward(model, processing_class, compat=cfg.compat,
-                                          batch_size=cfg.confidence_batch_size)
+        return get_confidence_gain_reward(
+            model, processing_class, compat=cfg.compat, batch_size=cfg.confidence_batch_size
+        )
     if name == "total":
         return get_total_reward(cfg, model=model, processing_class=processing_class)
     if name in REWARDS:

@@ -26,8 +26,9 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from medrwr.protocol import (
     OPTION_LETTERS,
@@ -103,12 +104,29 @@ class SampleView:
     valid: bool
     has_think: bool
     queries: list[str]
-    documents: list[str]
     retrieved: bool
     answer: str | None
     choice: str | None
     trace: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    _documents: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def documents(self) -> list[str]:
+        """Retrieved document texts, in order (from the trace's hits, or the completion's retrieve blocks)."""
+        if self._documents is None:
+            self._documents = _trace_documents(self.trace) if self.trace is not None else []
+        return self._documents
+
+
+def _trace_documents(trace: Any) -> list[str]:
+    docs = []
+    for record in getattr(trace, "retrievals", None) or []:
+        for hits in getattr(record, "hits", None) or []:
+            for hit in hits or []:
+                t = getattr(hit, "text", None)
+                if isinstance(t, str) and t.strip():
+                    docs.append(t)
+    return docs
 
 
 def _view_from_text(text: str) -> SampleView:
@@ -125,40 +143,34 @@ def _view_from_text(text: str) -> SampleView:
         valid=parsed.valid,
         has_think=has_think,
         queries=list(parsed.queries),
-        documents=docs,
+        _documents=docs,
         retrieved=parsed.retrieve_count > 0,
         answer=parsed.answer,
         choice=extract_choice(parsed.answer),
     )
 
 
-def _view_from_trace(trace: Any, fallback_text: str) -> SampleView:
+def _view_from_trace(trace: Any, fallback: Any) -> SampleView:
     text = getattr(trace, "completion_text", None)
     if not isinstance(text, str) or not text:
-        text = fallback_text
-    retrievals = list(getattr(trace, "retrievals", None) or [])
-    docs = []
-    for record in retrievals:
-        for hits in getattr(record, "hits", None) or []:
-            for hit in hits or []:
-                t = getattr(hit, "text", None)
-                if isinstance(t, str) and t.strip():
-                    docs.append(t)
-    queries = [q for q in (getattr(trace, "queries", None) or []) if isinstance(q, str) and q.strip()]
+        text = completion_text(fallback)
+    retrievals = getattr(trace, "retrievals", None) or ()
+    queries = [q for q in (getattr(trace, "queries", None) or ()) if isinstance(q, str) and q.strip()]
     answer = getattr(trace, "answer", None)
     answer = answer if isinstance(answer, str) else None
     choice = getattr(trace, "choice", None)
     if not (isinstance(choice, str) and len(choice) == 1):
         choice = extract_choice(answer)
-    valid = bool(getattr(trace, "valid", False))
-    spans = getattr(trace, "spans", None) or []
-    has_think = valid or any(getattr(s, "kind", None) == "think" for s in spans)
+    try:
+        valid = bool(getattr(trace, "valid", False))
+    except (TypeError, ValueError):  # an array or other odd value: not a verdict
+        valid = False
+    has_think = valid or any(getattr(s, "kind", None) == "think" for s in (getattr(trace, "spans", None) or ()))
     return SampleView(
         text=text,
         valid=valid,
         has_think=has_think,
         queries=queries,
-        documents=docs,
         retrieved=len(retrievals) > 0,
         answer=answer,
         choice=choice.upper() if choice else None,
@@ -175,16 +187,18 @@ def sample_views(completions: Sequence[Any] | None, traces: Sequence[Any] | None
     if traces is None and completions is None:
         raise ValueError("a reward needs `completions` (strings or chat messages) or `traces` (RolloutTrace)")
     if traces is not None and completions is not None and len(traces) != len(completions):
-        raise ValueError(f"got {len(completions)} completions but {len(traces)} traces; pass one trace per completion")
+        raise ValueError(
+            f"got {len(completions)} completions but {len(traces)} traces; pass one trace per completion"
+        )
     n = len(traces) if traces is not None else len(completions)  # type: ignore[arg-type]
     views = []
     for i in range(n):
-        fallback = completion_text(completions[i]) if completions is not None else ""
+        raw = completions[i] if completions is not None else ""
         trace = traces[i] if traces is not None else None
         if trace is None or isinstance(trace, (str, list, dict)):
-            views.append(_view_from_text(completion_text(trace) if trace is not None else fallback))
+            views.append(_view_from_text(completion_text(trace if trace is not None else raw)))
         else:
-            views.append(_view_from_trace(trace, fallback))
+            views.append(_view_from_trace(trace, raw))
     return views
 
 
@@ -198,7 +212,9 @@ def column(kwargs: Mapping[str, Any], names: Sequence[str], n: int) -> list[Any]
             return [value] * n  # one value for the whole batch
         values = list(value)
         if len(values) != n:
-            raise ValueError(f"column '{name}' has {len(values)} values for {n} completions; pass one per completion")
+            raise ValueError(
+                f"column '{name}' has {len(values)} values for {n} completions; pass one per completion"
+            )
         return values
     return [None] * n
 

@@ -11,7 +11,8 @@ Columns read: ``answer`` (gold) and ``options``/``choices`` (see :mod:`medrwr.re
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from medrwr.protocol import extract_yes_no, normalize_text
 from medrwr.rewards._common import Gold, SampleView, column, option_map, resolve_gold, sample_views
@@ -24,7 +25,15 @@ def gold_answers(n: int, answer: Any = None, **kwargs: Any) -> list[Gold]:
     """The resolved gold answer of each of `n` samples from the ``answer`` and ``options`` columns."""
     answers = column({"answer": answer, **kwargs}, ANSWER_COLUMNS, n)
     options = column(kwargs, OPTION_COLUMNS, n)
-    return [resolve_gold(a, o) for a, o in zip(answers, options)]
+    memo: dict[tuple, Gold] = {}  # a GRPO group repeats its gold answer and options
+    out = []
+    for a, o in zip(answers, options):
+        key = (a if isinstance(a, (str, int, type(None))) else id(a), id(o))
+        gold = memo.get(key)
+        if gold is None:
+            gold = memo[key] = resolve_gold(a, o)
+        out.append(gold)
+    return out
 
 
 def score_accuracy(view: SampleView, gold: Gold, options: Any = None) -> float:

@@ -32,7 +32,8 @@ used), and it never renormalised over the options.
 Vision-language policies get their image inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``)
 from the processor, applied to the sample's images (the ``images``/``image`` column, else the trace's
 ``images`` paths). Plain completion strings (no traces) are tokenised segment by segment as an approximation;
-that path is text-only.
+that path is text-only. Sequences longer than ``max_length`` tokens (default: the model's
+``max_position_embeddings``) get σc = 0 with a warning rather than an out-of-memory forward pass.
 
 Columns read: ``answer``, ``options``/``choices`` (letters; else the ``A. …`` lines of the prompt, else the
 trace's ``option_probs`` keys, else A–D), ``images``/``image``, ``prompts``.
@@ -43,8 +44,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from medrwr.protocol import OPTION_LETTERS, RETRIEVE, split_segments
 from medrwr.rewards._common import (
@@ -95,18 +97,29 @@ def _token_index_at_char(tok: Any, ids: Sequence[int], char_pos: int) -> int:
     return min(lo, max(len(ids) - 1, 0))
 
 
-def answer_token_index(tok: Any, model_ids: Sequence[int]) -> int | None:
-    """Index in `model_ids` of the token holding the first non-whitespace character after the last ``<answer>``."""
-    if not model_ids:
+def answer_token_index(tok: Any, model_ids: Sequence[int], window: int = 64) -> int | None:
+    """Index in `model_ids` of the token holding the first non-whitespace character after the last ``<answer>``.
+
+    Decodes a tail window (doubled until it holds the tag), so the cost does not grow with the completion.
+    """
+    n = len(model_ids)
+    if not n:
         return None
-    text = _decode(tok, model_ids)
-    at = text.rfind(_ANSWER_OPEN)
+    w = min(window, n)
+    while True:
+        start = n - w
+        tail = list(model_ids[start:])
+        text = _decode(tok, tail)
+        at = text.rfind(_ANSWER_OPEN)
+        if at >= 0 or start == 0:
+            break
+        w = min(2 * w, n)
     if at < 0:
         return None
     m = _NON_WS.search(text, at + len(_ANSWER_OPEN))
     if m is None or text.startswith("</answer>", m.start()):
         return None
-    return _token_index_at_char(tok, model_ids, m.start())
+    return start + _token_index_at_char(tok, tail, m.start())
 
 
 def letter_token_table(tok: Any, letters: str = OPTION_LETTERS) -> dict[str, list[int]]:
@@ -126,7 +139,11 @@ def letter_token_table(tok: Any, letters: str = OPTION_LETTERS) -> dict[str, lis
 
 
 def option_logprobs(logprobs: Any, table: dict[str, list[int]], letters: str) -> dict[str, float]:
-    """Log-probabilities of `letters` at one position, renormalised over them (from a log-softmax row)."""
+    """Log-probabilities of `letters` at one position, renormalised over them.
+
+    `logprobs` is a log-softmax (or raw logit) row indexed like `table`'s ids: the vocabulary normaliser
+    cancels in the renormalisation.
+    """
     import torch
 
     raw = {}
@@ -150,7 +167,7 @@ def _logp_from_probs(probs: Any, gold: str, letters: str) -> float | None:
     if not isinstance(probs, dict) or not probs:
         return None
     vals = {L: float(probs.get(L, 0.0) or 0.0) for L in letters}
-    vals = {L: v for L, v in vals.items() if v == v and v >= 0}
+    vals = {L: v for L, v in vals.items() if not math.isnan(v) and v >= 0}
     total = sum(vals.values())
     if total <= 0 or not math.isfinite(total):
         return None
@@ -179,10 +196,19 @@ class ConfidenceGainReward:
 
     __name__ = "confidence_gain_reward"
 
-    def __init__(self, model: Any, processing_class: Any, compat: bool = False, batch_size: int = 8,
-                 use_trace_option_probs: bool = True):
+    def __init__(
+        self,
+        model: Any,
+        processing_class: Any,
+        compat: bool = False,
+        batch_size: int = 8,
+        use_trace_option_probs: bool = True,
+        max_length: int | None = None,
+    ):
         if model is None:
-            raise ValueError("the confidence-gain reward needs the policy model (get_confidence_gain_reward(model, processor))")
+            raise ValueError(
+                "the confidence-gain reward needs the policy model (get_confidence_gain_reward(model, processor))"
+            )
         if processing_class is None:
             raise ValueError("the confidence-gain reward needs the policy's tokenizer or processor")
         if batch_size < 1:
@@ -198,9 +224,20 @@ class ConfidenceGainReward:
         tok = self.tokenizer
         self.image_token_id = getattr(processing_class, "image_token_id", None)
         if self.image_token_id is None:
-            tid = tok.convert_tokens_to_ids("<|image_pad|>") if hasattr(tok, "convert_tokens_to_ids") else None
-            self.image_token_id = tid if isinstance(tid, int) and tid != getattr(tok, "unk_token_id", None) else None
+            tid = (
+                tok.convert_tokens_to_ids("<|image_pad|>") if hasattr(tok, "convert_tokens_to_ids") else None
+            )
+            self.image_token_id = (
+                tid if isinstance(tid, int) and tid != getattr(tok, "unk_token_id", None) else None
+            )
         self._warned: set[str] = set()
+        cfg = getattr(model, "config", None)
+        limit = (
+            max_length
+            or getattr(getattr(cfg, "text_config", None), "max_position_embeddings", None)
+            or getattr(cfg, "max_position_embeddings", None)
+        )
+        self.max_length = int(limit) if isinstance(limit, int) and limit > 0 else 32768
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -229,7 +266,9 @@ class ConfidenceGainReward:
                 if isinstance(content, list) and any(
                     isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in content
                 ):
-                    self._warn_once("str-image", "confidence_gain_reward: image prompts need traces (token ids); σc = 0")
+                    self._warn_once(
+                        "str-image", "confidence_gain_reward: image prompts need traces (token ids); σc = 0"
+                    )
                     return None
             prompt_ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
             if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
@@ -279,9 +318,11 @@ class ConfidenceGainReward:
             )
         return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
 
-    def _forward(self, seqs: list[tuple[list[int], list[Any]]]) -> list[Any]:
-        """Log-softmax over the vocabulary at the last position of each sequence (left-padded batches)."""
+    def _forward(self, seqs: list[tuple[list[int], list[Any]]], gather_ids: list[int]) -> list[Any]:
+        """Logits at `gather_ids` at the last position of each sequence (left-padded batches)."""
         import torch
+
+        gather = torch.as_tensor(gather_ids, dtype=torch.long)
 
         model = self.model
         try:
@@ -308,7 +349,11 @@ class ConfidenceGainReward:
                         seq, images = seqs[j]
                         ids[b, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
                         mask[b, width - len(seq) :] = 1
-                        n_img = sum(1 for t in seq if t == self.image_token_id) if self.image_token_id is not None else 0
+                        n_img = (
+                            sum(1 for t in seq if t == self.image_token_id)
+                            if self.image_token_id is not None
+                            else 0
+                        )
                         if n_img:
                             if not images:
                                 raise ValueError(
@@ -332,10 +377,9 @@ class ConfidenceGainReward:
                         out = model(**batch, use_cache=False, logits_to_keep=1)
                     except TypeError:  # models without logits_to_keep
                         out = model(**batch, use_cache=False)
-                    logits = out.logits[:, -1, :].float()
-                    logp = torch.log_softmax(logits, dim=-1).cpu()
+                    rows = out.logits[:, -1, :][:, gather.to(out.logits.device)].float().cpu()
                     for b, j in enumerate(chunk):
-                        results[j] = logp[b]
+                        results[j] = rows[b]
         finally:
             if hasattr(model, "train"):
                 model.train(was_training)
@@ -348,7 +392,9 @@ class ConfidenceGainReward:
         golds = gold_answers(n, answer, **kwargs)
         options = column(kwargs, OPTION_COLUMNS, n)
         prompts = column(kwargs, ("prompts", "prompt"), n)
-        image_cols = column({"images": kwargs.get("images"), "image": kwargs.get("image")}, ("images", "image"), n)
+        image_cols = column(
+            {"images": kwargs.get("images"), "image": kwargs.get("image")}, ("images", "image"), n
+        )
         tok = self.tokenizer
         items: list[_Item] = []
         for i, v in enumerate(views):
@@ -361,14 +407,25 @@ class ConfidenceGainReward:
                 comp = list(trace.completion_ids)
                 cmask = list(getattr(trace, "completion_mask", None) or [1] * len(comp))
                 if len(cmask) != len(comp):
-                    self._warn_once("mask", "confidence_gain_reward: a trace's completion_mask and completion_ids differ in length; σc = 0")
+                    self._warn_once(
+                        "mask",
+                        "confidence_gain_reward: a trace's completion_mask and completion_ids differ in length; σc = 0",
+                    )
                     continue
             else:
                 built = self._pseudo_trace(v, prompts[i])
                 if built is None:
-                    self._warn_once("noids", "confidence_gain_reward: no token ids (no traces and no prompts); σc = 0")
+                    self._warn_once(
+                        "noids", "confidence_gain_reward: no token ids (no traces and no prompts); σc = 0"
+                    )
                     continue
                 prompt_ids, comp, cmask = built
+            if len(prompt_ids) + len(comp) > self.max_length:
+                self._warn_once(
+                    "long",
+                    f"confidence_gain_reward: a sequence is longer than max_length={self.max_length} tokens; σc = 0 for it",
+                )
+                continue
             model_pos = [k for k, m in enumerate(cmask) if m]
             model_ids = [comp[k] for k in model_pos]
             p = answer_token_index(tok, model_ids)
@@ -399,9 +456,13 @@ class ConfidenceGainReward:
                 seqs.append((it.without_ids, it.images))
                 slots.append((it, "without"))
         if seqs:
-            rows = self._forward(seqs)
+            table = self.table
+            gather_ids = sorted({t for ids in table.values() for t in ids})
+            column_of = {t: c for c, t in enumerate(gather_ids)}
+            compact = {L: [column_of[t] for t in ids] for L, ids in table.items()}
+            rows = self._forward(seqs, gather_ids)
             for (it, side), row in zip(slots, rows):
-                lp = option_logprobs(row, self.table, it.letters)[it.gold]
+                lp = option_logprobs(row, compact, it.letters)[it.gold]
                 if side == "with":
                     it.with_logp = lp
                 else:
@@ -419,8 +480,14 @@ class ConfidenceGainReward:
         return f"ConfidenceGainReward(compat={self.compat}, batch_size={self.batch_size})"
 
 
-def get_confidence_gain_reward(model: Any, processing_class: Any, compat: bool = False, batch_size: int = 8,
-                               use_trace_option_probs: bool = True) -> ConfidenceGainReward:
+def get_confidence_gain_reward(
+    model: Any,
+    processing_class: Any,
+    compat: bool = False,
+    batch_size: int = 8,
+    use_trace_option_probs: bool = True,
+    max_length: int | None = None,
+) -> ConfidenceGainReward:
     """σc bound to the policy `model` and its tokenizer or processor (see the module docstring).
 
     >>> get_confidence_gain_reward(None, None)
@@ -428,8 +495,14 @@ def get_confidence_gain_reward(model: Any, processing_class: Any, compat: bool =
     ...
     ValueError: the confidence-gain reward needs the policy model (get_confidence_gain_reward(model, processor))
     """
-    return ConfidenceGainReward(model, processing_class, compat=compat, batch_size=batch_size,
-                                use_trace_option_probs=use_trace_option_probs)
+    return ConfidenceGainReward(
+        model,
+        processing_class,
+        compat=compat,
+        batch_size=batch_size,
+        use_trace_option_probs=use_trace_option_probs,
+        max_length=max_length,
+    )
 
 
 __all__ = [

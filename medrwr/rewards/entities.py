@@ -17,9 +17,11 @@ The reward takes *sets*; which extractor produced them does not matter (same set
   yourself, e.g. ``en_core_sci_md``; the PyPI package of that name is a placeholder -- never install it):
   scispaCy NER, optionally linked to UMLS CUIs (the reference's setup).
 
->>> ext = LexiconEntityExtractor.from_terms({"pneumothorax": ["pneumothorax", "collapsed lung"], "chronic obstructive pulmonary disease": ["copd"]})
->>> ext.extract(["Collapsed lungs and COPD", "copd in lower case is not an abbreviation match"])
-[{'chronic obstructive pulmonary disease', 'pneumothorax'}, set()]
+>>> ext = LexiconEntityExtractor.from_terms(
+...     {"pneumothorax": ["collapsed lung"], "chronic obstructive pulmonary disease": ["copd"]}
+... )
+>>> [sorted(s) for s in ext.extract(["Collapsed lungs and COPD", "copd in lower case is not an abbreviation"])]
+[['chronic obstructive pulmonary disease', 'pneumothorax'], []]
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +51,124 @@ _TOKEN_RE = re.compile(r"[^\W_]+")
 _VOWELS = set("aeiouy")
 # General English words that some brand names or synonyms collide with; never entities on their own.
 _STOPWORDS = frozenset(
-    """a an and are as at be been but by can did do does for from had has have he her his how i if in into is it
-    its may me might more most my no not of off on once one only or other our out over own same she should so
-    some such than that the their them then there these they this those through to too under until up very was
-    we were what when where which while who why will with would you your all any both each few nor just now
-    also well good care plan focus relief today ease clear free help life sure via per day night time""".split()
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "been",
+        "but",
+        "by",
+        "can",
+        "did",
+        "do",
+        "does",
+        "for",
+        "from",
+        "had",
+        "has",
+        "have",
+        "he",
+        "her",
+        "his",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "may",
+        "me",
+        "might",
+        "more",
+        "most",
+        "my",
+        "no",
+        "not",
+        "of",
+        "off",
+        "on",
+        "once",
+        "one",
+        "only",
+        "or",
+        "other",
+        "our",
+        "out",
+        "over",
+        "own",
+        "same",
+        "she",
+        "should",
+        "so",
+        "some",
+        "such",
+        "than",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "to",
+        "too",
+        "under",
+        "until",
+        "up",
+        "very",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "who",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+        "all",
+        "any",
+        "both",
+        "each",
+        "few",
+        "nor",
+        "just",
+        "now",
+        "also",
+        "well",
+        "good",
+        "care",
+        "plan",
+        "focus",
+        "relief",
+        "today",
+        "ease",
+        "clear",
+        "free",
+        "help",
+        "life",
+        "sure",
+        "via",
+        "per",
+        "day",
+        "night",
+        "time",
+    ]
 )
 _HPO_PHENOTYPE = "HP:0000118"
 _MESH_TREES = ("C", "F03")
@@ -131,7 +247,7 @@ class Lexicon:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "Lexicon":
+    def from_json(cls, data: Mapping) -> Lexicon:
         if data.get("format") != LEXICON_FORMAT or data.get("version") != LEXICON_VERSION:
             raise ValueError("not a current medrwr lexicon file")
         return cls(
@@ -212,15 +328,18 @@ def _looks_abbreviation(token: str, concept_phrases: Iterable[str]) -> bool:
     return len(token) <= 6 and _is_acronym(token, concept_phrases)
 
 
-def compile_lexicon(terms: Mapping[str, Iterable[str]], names: Mapping[str, str] | None = None,
-                    abbreviations: Mapping[str, Iterable[str]] | None = None,
-                    sources: Mapping[str, str] | None = None) -> Lexicon:
+def compile_lexicon(
+    terms: Mapping[str, Iterable[str]],
+    names: Mapping[str, str] | None = None,
+    abbreviations: Mapping[str, Iterable[str]] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> Lexicon:
     """Compile concept id -> surface forms into a :class:`Lexicon`.
 
     Two concepts are merged into one when they share a surface form of 4+ characters and come from different
     sources (the id prefix before ``:``), or the shared form is the name or first form of one of them; so the
-    same disease from MeSH and HPO gives one entity, and so do its synonyms ("heart attack"); a merged concept is named by its first-listed member's name
-    (``names[id]``, default the id). Single words that look like abbreviations (an acronym of one of the
+    same disease from MeSH and HPO gives one entity, and so do its synonyms ("heart attack"). A merged
+    concept is named by its first-listed member's name (``names[id]``, default the id). Single words that look like abbreviations (an acronym of one of the
     concept's own phrases, no vowels, or letters with digits) and the explicit `abbreviations` match only
     in capitals. English function words never match alone.
     """
@@ -255,8 +374,10 @@ def compile_lexicon(terms: Mapping[str, Iterable[str]], names: Mapping[str, str]
             other = phrase_owner.get(key)
             if other is None:
                 phrase_owner[key] = cid
-            elif other != cid and len(key) >= 4 and (
-                _source(cid) != _source(other) or key in name_keys[cid] or key in name_keys[other]
+            elif (
+                other != cid
+                and len(key) >= 4
+                and (_source(cid) != _source(other) or key in name_keys[cid] or key in name_keys[other])
             ):
                 uf.union(other, cid)
     for cid, abbrs in (abbreviations or {}).items():
@@ -428,7 +549,10 @@ def build_lexicon() -> Lexicon:
     lex = compile_lexicon(terms, names, abbrs, sources=_source_versions())
     logger.info(
         "compiled medical lexicon: %d concepts, %d phrases, %d abbreviations in %.1f s",
-        len(lex.concepts), len(lex.phrases), len(lex.abbreviations), time.perf_counter() - t0,
+        len(lex.concepts),
+        len(lex.phrases),
+        len(lex.abbreviations),
+        time.perf_counter() - t0,
     )
     return lex
 
@@ -492,6 +616,12 @@ class _LRU:
         self.data: OrderedDict[str, frozenset[str]] = OrderedDict()
         self.lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        return {"size": self.size}  # the memo is per process
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
+
     def get(self, key: str) -> frozenset[str] | None:
         with self.lock:
             v = self.data.get(key)
@@ -517,14 +647,18 @@ class LexiconEntityExtractor:
 
     name = "lexicon"
 
-    def __init__(self, lexicon: Lexicon | None = None, cache_dir: str | os.PathLike | None = None,
-                 cache_size: int = 8192):
+    def __init__(
+        self,
+        lexicon: Lexicon | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_size: int = 8192,
+    ):
         self._lexicon = lexicon
         self._cache_dir = cache_dir
         self._memo = _LRU(cache_size)
 
     @classmethod
-    def from_terms(cls, terms: Mapping[str, Iterable[str]], **kwargs) -> "LexiconEntityExtractor":
+    def from_terms(cls, terms: Mapping[str, Iterable[str]], **kwargs) -> LexiconEntityExtractor:
         """An extractor over your own vocabulary: concept name -> surface forms."""
         forms = {k: [k, *v] for k, v in terms.items()}
         return cls(compile_lexicon(forms, {k: k for k in terms}), **kwargs)
@@ -551,9 +685,10 @@ class LexiconEntityExtractor:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_memo"] = _LRU(self._memo.size)
-        if self._cache_dir is None and self._lexicon is not None and self._lexicon is _LEXICONS.get(
-            str(lexicon_cache_path(None))
+        if (
+            self._cache_dir is None
+            and self._lexicon is not None
+            and self._lexicon is _LEXICONS.get(str(lexicon_cache_path(None)))
         ):
             state["_lexicon"] = None  # reload from the cache rather than pickling 300k phrases
         return state
@@ -572,8 +707,13 @@ class ScispacyEntityExtractor:
 
     name = "scispacy"
 
-    def __init__(self, model: str = "en_core_sci_md", linker: str | None = None, min_score: float = 0.85,
-                 batch_size: int = 64):
+    def __init__(
+        self,
+        model: str = "en_core_sci_md",
+        linker: str | None = None,
+        min_score: float = 0.85,
+        batch_size: int = 64,
+    ):
         from medrwr._imports import require
 
         self.spacy = require("spacy", "sci", "scispaCy entity extraction")
@@ -591,12 +731,14 @@ class ScispacyEntityExtractor:
         self.min_score = float(min_score)
         self.batch_size = int(batch_size)
         if linker:
-            import scispacy.abbreviation  # noqa: F401  (registers the pipes)
+            import scispacy.abbreviation
             import scispacy.linking  # noqa: F401
 
             if "abbreviation_detector" not in self.nlp.pipe_names:
                 self.nlp.add_pipe("abbreviation_detector")
-            self.nlp.add_pipe("scispacy_linker", config={"resolve_abbreviations": True, "linker_name": linker})
+            self.nlp.add_pipe(
+                "scispacy_linker", config={"resolve_abbreviations": True, "linker_name": linker}
+            )
 
     def _entity(self, ent) -> str:
         kb = getattr(ent._, "kb_ents", None) if self.linker_name else None
@@ -619,10 +761,14 @@ def get_entity_extractor(spec: str | EntityExtractor | None = "lexicon", **kwarg
         if spec == "scispacy" or spec.startswith("scispacy:"):
             model = spec.partition(":")[2] or "en_core_sci_md"
             return ScispacyEntityExtractor(model, **kwargs)
-        raise ValueError(f"unknown entity extractor {spec!r}; valid: 'lexicon', 'scispacy', 'scispacy:<model>'")
+        raise ValueError(
+            f"unknown entity extractor {spec!r}; valid: 'lexicon', 'scispacy', 'scispacy:<model>'"
+        )
     if isinstance(spec, EntityExtractor):
         return spec
-    raise TypeError(f"an entity extractor needs an extract(texts) -> list[set[str]] method, got {type(spec).__name__}")
+    raise TypeError(
+        f"an entity extractor needs an extract(texts) -> list[set[str]] method, got {type(spec).__name__}"
+    )
 
 
 __all__ = [

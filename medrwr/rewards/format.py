@@ -26,9 +26,10 @@ Columns read: those of :func:`medrwr.rewards.accuracy.accuracy_reward` (for σa)
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from medrwr.protocol import RETRIEVE, split_segments
+from medrwr.protocol import RETRIEVE
 from medrwr.rewards._common import SampleView, column, sample_views
 from medrwr.rewards.accuracy import OPTION_COLUMNS, gold_answers, score_accuracy
 
@@ -42,11 +43,6 @@ _TAG_LIKE_RE = re.compile(r"<[^<>]+>")  # linear-time stand-in for the reference
 _ATTR_RE = re.compile(r"=[a-zA-Z]+>")
 _NEWLINES_RE = re.compile(r"[\n\r]{3,}")
 _EMPTY_BLOCK_RE = re.compile(r"<(think|query|retrieve|answer)>\s*</\1>")
-_QR_BLOCK_RE = re.compile(r"<query>.*?</query>|<retrieve>.*?</retrieve>", re.DOTALL)
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
-_QUERY_RE = re.compile(r"<query>.*?</query>", re.DOTALL)
-_RETRIEVE_RE = re.compile(r"<retrieve>.*?</retrieve>", re.DOTALL)
-_ANSWER_RE = re.compile(r"<answer>.*?</answer>", re.DOTALL)
 _DIRECT_RE = re.compile(r"^<think>[^<>]*?</think>\s*<answer>[^<>]*?</answer>\s*$", re.DOTALL)
 _MULTI_RE = re.compile(
     r"^(?:<think>[^<>]*?</think>(?:\s*<query>[^<>]*?</query>\s*<retrieve>[^<>]*?</retrieve>)?\s*)*"
@@ -68,18 +64,51 @@ def _mask_documents(text: str) -> str:
     if "<retrieve>" not in text:
         return text
     out = []
-    for seg in split_segments(text):
-        if seg.kind == RETRIEVE and seg.closed and seg.content.strip():
+    pos = 0
+    for _, start, end in find_blocks(text, (RETRIEVE,)):
+        content = text[start + len("<retrieve>") : end - len("</retrieve>")]
+        if content.strip():
+            out.append(text[pos:start])
             out.append(f"<retrieve>{_DOC_PLACEHOLDER}</retrieve>")
-        else:
-            out.append(text[seg.start : seg.end])
+            pos = end
+    out.append(text[pos:])
     return "".join(out)
+
+
+def find_blocks(text: str, kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """``re.finditer`` over ``<k>.*?</k>`` alternatives (DOTALL) for `kinds`, in linear time.
+
+    The regex form rescans the rest of the text from every unclosed opening tag (quadratic on a megabyte of
+    ``<query>``); here a kind whose closing tag no longer occurs is dropped once.
+    """
+    out: list[tuple[str, int, int]] = []
+    live = {k: (f"<{k}>", f"</{k}>") for k in kinds}
+    pos = 0
+    while live:
+        best = None
+        for k, (o, _) in list(live.items()):
+            at = text.find(o, pos)
+            if at < 0:
+                del live[k]
+            elif best is None or at < best[1]:
+                best = (k, at)
+        if best is None:
+            break
+        k, at = best
+        o, c = live[k]
+        end = text.find(c, at + len(o))
+        if end < 0:
+            del live[k]  # no later opening of this kind can close either
+            continue
+        out.append((k, at, end + len(c)))
+        pos = end + len(c)
+    return out
 
 
 def _retrieve_without_query(text: str) -> bool:
     last_was_query = False
-    for m in _QR_BLOCK_RE.finditer(text):
-        if m.group(0).startswith("<query>"):
+    for kind, _, _ in find_blocks(text, ("query", "retrieve")):
+        if kind == "query":
             last_was_query = True
         else:
             if not last_was_query:
@@ -95,10 +124,10 @@ def score_format_compat(text: str, correct: float) -> float:
         return 0.0
     if _retrieve_without_query(content):
         return 0.0
-    answers = list(_ANSWER_RE.finditer(content))
-    answer_last = len(answers) == 1 and answers[0].end() == len(content.strip())
-    if not _QUERY_RE.search(content) and not _RETRIEVE_RE.search(content):
-        n_think = len(_THINK_RE.findall(content))
+    answers = find_blocks(content, ("answer",))
+    answer_last = len(answers) == 1 and answers[0][2] == len(content.strip())
+    if not find_blocks(content, ("query",)) and not find_blocks(content, ("retrieve",)):
+        n_think = len(find_blocks(content, ("think",)))
         reward = 1.0 if _DIRECT_RE.match(content) and n_think == 1 and answer_last else 0.0
     elif _MULTI_RE.match(content) and answer_last:
         reward = 3.0 if correct >= 1.0 else 1.0

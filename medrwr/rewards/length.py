@@ -7,7 +7,8 @@ Its weight in the total (``rewards.length_weight``) is 0 unless you turn it on.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from medrwr.protocol import strip_retrieve_blocks
 from medrwr.rewards._common import SampleView, sample_views
@@ -16,12 +17,21 @@ MIN_CHARS = 512
 MAX_CHARS = 3072
 
 
+def model_chars(text: str) -> int:
+    """Characters of `text` outside its retrieve blocks (= ``len(strip_retrieve_blocks(text))``)."""
+    if "<retrieve>" not in text:
+        return len(text)
+    return len(strip_retrieve_blocks(text))
+
+
 def score_length(view: SampleView, min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> float:
-    n = len(strip_retrieve_blocks(view.text)) if "<retrieve>" in view.text else len(view.text)
+    n = model_chars(view.text)
     return 0.0 if min_chars <= n <= max_chars else -1.0
 
 
-def length_reward(completions: Sequence[Any] | None = None, traces: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
+def length_reward(
+    completions: Sequence[Any] | None = None, traces: Sequence[Any] | None = None, **kwargs: Any
+) -> list[float]:
     """-1.0 outside [512, 3072] model-written characters, else 0.0.
 
     >>> length_reward(completions=["<think>short</think><answer>A</answer>", "x" * 600])
@@ -46,7 +56,9 @@ class _LengthReward:
 def get_length_reward(min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> _LengthReward:
     """A length penalty with other bounds (characters of model-written text)."""
     if not 0 <= min_chars <= max_chars:
-        raise ValueError(f"need 0 <= min_chars <= max_chars, got min_chars={min_chars}, max_chars={max_chars}")
+        raise ValueError(
+            f"need 0 <= min_chars <= max_chars, got min_chars={min_chars}, max_chars={max_chars}"
+        )
     return _LengthReward(min_chars, max_chars)
 
 

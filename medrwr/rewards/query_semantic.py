@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,24 +173,35 @@ def query_semantic_text_reward(completions=None, traces=None, answer=None, **kwa
 # ------------------------------------------------------------------------------------------------ image
 
 
-class _LRU(OrderedDict):
+class _LRU:
+    """A small LRU map; pickles as an empty map of the same size (caches are per process)."""
+
     def __init__(self, size: int):
-        super().__init__()
         self.size = size
+        self.data: OrderedDict[str, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
+
+    def __len__(self) -> int:
+        return len(self.data)
 
     def get_item(self, key: str):
-        v = self.get(key)
+        v = self.data.get(key)
         if v is not None:
-            self.move_to_end(key)
+            self.data.move_to_end(key)
         return v
 
     def put(self, key: str, value) -> None:
         if self.size <= 0:
             return
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
+        self.data[key] = value
+        self.data.move_to_end(key)
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
 
 
 def _image_key(image: Any) -> tuple[str, Any] | None:
@@ -255,8 +266,6 @@ class _QueryImageReward:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_lock"] = None
-        state["_image_cache"] = _LRU(self._image_cache.size)
-        state["_text_cache"] = _LRU(self._text_cache.size)
         if self._spec is not None:
             state["_encoder"] = None  # reloaded from the spec
         return state
@@ -308,10 +317,14 @@ class _QueryImageReward:
                 todo_imgs.append(load_image(src))
                 todo_keys.append(key)
             except ImageLoadError as exc:
-                self._warn_once(f"img:{key}", f"query_semantic_image_reward: image skipped (σq_img = 0): {exc}")
+                self._warn_once(
+                    f"img:{key}", f"query_semantic_image_reward: image skipped (σq_img = 0): {exc}"
+                )
                 out[key] = None
         if todo_imgs:
-            emb = np.asarray(self.encoder.encode_images(todo_imgs, batch_size=self.batch_size), dtype=np.float32)
+            emb = np.asarray(
+                self.encoder.encode_images(todo_imgs, batch_size=self.batch_size), dtype=np.float32
+            )
             for key, e in zip(todo_keys, emb):
                 self._image_cache.put(key, e)
                 out[key] = e
@@ -327,13 +340,17 @@ class _QueryImageReward:
             else:
                 todo.append(t)
         if todo:
-            emb = np.asarray(self.encoder.encode_texts(todo, batch_size=max(self.batch_size, 1)), dtype=np.float32)
+            emb = np.asarray(
+                self.encoder.encode_texts(todo, batch_size=max(self.batch_size, 1)), dtype=np.float32
+            )
             for t, e in zip(todo, emb):
                 self._text_cache.put(t, e)
                 out[t] = e
         return out
 
-    def score(self, views: list[SampleView], images: Any = None, image: Any = None, **kwargs: Any) -> list[float]:
+    def score(
+        self, views: list[SampleView], images: Any = None, image: Any = None, **kwargs: Any
+    ) -> list[float]:
         n = len(views)
         if not any(v.queries for v in views):
             return [0.0] * n
@@ -375,7 +392,9 @@ class _QueryImageReward:
         return self.score(sample_views(completions, traces), images=images, image=image, **kwargs)
 
 
-def get_query_semantic_image_reward(encoder: Any = None, batch_size: int = 32, cache_size: int = 512) -> _QueryImageReward:
+def get_query_semantic_image_reward(
+    encoder: Any = None, batch_size: int = 32, cache_size: int = 512
+) -> _QueryImageReward:
     """σq_img with an image encoder: an ``ImageEncoder`` object or a :func:`load_image_encoder` spec.
 
     ``encoder=None`` gives a reward that is 0.0 and warns once that no joint encoder is configured.

@@ -18,7 +18,8 @@ Range: the weighted sum of the component ranges -- with the default weights and 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from medrwr.config import RewardConfig
 from medrwr.rewards._common import column, sample_views
@@ -36,8 +37,15 @@ class TotalReward:
 
     __name__ = "total_reward"
 
-    def __init__(self, config: RewardConfig | None = None, model: Any = None, processing_class: Any = None,
-                 extractor: Any = None, image_encoder: Any = None, confidence_reward: Any = None):
+    def __init__(
+        self,
+        config: RewardConfig | None = None,
+        model: Any = None,
+        processing_class: Any = None,
+        extractor: Any = None,
+        image_encoder: Any = None,
+        confidence_reward: Any = None,
+    ):
         self.config = config or RewardConfig()
         c = self.config
         self.text_reward = _QueryTextReward(extractor or c.entity_extractor) if c.query_weight else None
@@ -54,11 +62,19 @@ class TotalReward:
                 )
             else:
                 self.confidence_reward = ConfidenceGainReward(
-                    model, processing_class, compat=c.compat, batch_size=getattr(c, "confidence_batch_size", 8)
+                    model,
+                    processing_class,
+                    compat=c.compat,
+                    batch_size=getattr(c, "confidence_batch_size", 8),
                 )
 
-    def components(self, completions: Sequence[Any] | None = None, traces: Sequence[Any] | None = None,
-                   answer: Any = None, **kwargs: Any) -> dict[str, list[float]]:
+    def components(
+        self,
+        completions: Sequence[Any] | None = None,
+        traces: Sequence[Any] | None = None,
+        answer: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, list[float]]:
         """Each unweighted term per sample (terms with weight 0 are absent)."""
         c = self.config
         views = sample_views(completions, traces)
@@ -109,7 +125,7 @@ class TotalReward:
             for name, values in parts.items():
                 try:
                     log_metric(f"rewards/{name}/mean", sum(values) / n)
-                except Exception:  # noqa: BLE001 - logging must never break a training step
+                except Exception:
                     logger.debug("log_metric failed for %s", name, exc_info=True)
         return total
 
@@ -117,8 +133,13 @@ class TotalReward:
         return f"TotalReward({self.weights()}, compat={self.config.compat})"
 
 
-def get_total_reward(config: RewardConfig | None = None, model: Any = None, processing_class: Any = None,
-                     extractor: Any = None, image_encoder: Any = None) -> TotalReward:
+def get_total_reward(
+    config: RewardConfig | None = None,
+    model: Any = None,
+    processing_class: Any = None,
+    extractor: Any = None,
+    image_encoder: Any = None,
+) -> TotalReward:
     """The weighted total from a :class:`~medrwr.config.RewardConfig` (paper weights by default).
 
     >>> from medrwr.config import RewardConfig
@@ -126,8 +147,13 @@ def get_total_reward(config: RewardConfig | None = None, model: Any = None, proc
     >>> r(completions=["<think>a</think><answer>B</answer>", "<think>a</think><answer>C</answer>"], answer=["B", "B"])
     [6.0, 1.0]
     """
-    return TotalReward(config, model=model, processing_class=processing_class, extractor=extractor,
-                       image_encoder=image_encoder)
+    return TotalReward(
+        config,
+        model=model,
+        processing_class=processing_class,
+        extractor=extractor,
+        image_encoder=image_encoder,
+    )
 
 
 __all__ = ["TotalReward", "get_total_reward"]

@@ -27,9 +27,10 @@ Decisions (documented in one place):
 * Token budgets count the model tokens in the completion: per turn ``max_new_tokens_per_turn``, in total
   ``max_total_new_tokens``. Inserted tokens don't count; each retrieve block is capped at
   ``max_inserted_tokens`` by truncating documents (by tokens), never the tags.
-* Confidence is the probability of the token holding the answer's first non-whitespace character, from the
-  generation log-probs; the option distribution sums each letter's variants (``B``, ``b``, `` B``, ``>B``...)
-  at that position and renormalises over the sample's options.
+* Confidence is the probability of the token holding the answer's first character that is not whitespace or
+  an opening bracket/quote/``*`` (so ``(B)`` and ``**B**`` read the letter), from the generation log-probs; the
+  option distribution sums each letter's single-token variants (``B``, ``b``, `` B``, ``>B``, ``(B``...) at
+  that position and renormalises over the sample's options.
 """
 
 from __future__ import annotations
@@ -253,12 +254,12 @@ class RolloutEngine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _build_watch_table(self) -> tuple[list[int], dict[int, str]]:
-        """Single-token spellings of each option letter: ``B``, ``b``, `` B``, `` b``, ``>B``, ``>b``."""
+        """Single-token spellings of each option letter: ``B``, ``b``, `` B``, ``>B``, ``(B``... (whichever exist)."""
         ids: list[int] = []
         letter_of: dict[int, str] = {}
         for letter in protocol.OPTION_LETTERS:
             for variant in (letter, letter.lower()):
-                for prefix in ("", " ", ">", "> ", "\n"):
+                for prefix in ("", " ", ">", "> ", "\n", "(", " (", ">("):
                     enc = self._encode(prefix + variant)
                     if len(enc) == 1 and enc[0] not in letter_of:
                         letter_of[enc[0]] = letter
@@ -532,7 +533,7 @@ class RolloutEngine:
         tr.answer = seg.content.strip()
         content_start = seg.start + len(protocol.open_tag(protocol.ANSWER))
         content_end = seg.end - len(protocol.close_tag(protocol.ANSWER))
-        m = re.search(r"\S", text[content_start:content_end])
+        m = re.search(r"[^\s(\[{*\"']", text[content_start:content_end])  # skip "(" of "(B)", "**", quotes
         row.answer_turn = {"start": row.last_turn_start}
         if m is None:
             return
@@ -742,12 +743,17 @@ def engine_from_config(
         retriever = build_retriever(cfg.retrieval)
     if image_retriever is None and cfg.cdir.enabled:
         image_retriever = build_image_retriever(cfg.cdir)
+    mode: str | None = cfg.retrieval.mode
+    available = getattr(retriever, "modes", None)
+    if available is not None and mode not in available:
+        logger.warning("retrieval mode %r is not available in this index (%s); using %s", mode, available, available[0])
+        mode = available[0]
     return RolloutEngine(
         backend,
         retriever,
         cfg.rollout,
         k=cfg.retrieval.k,
-        search_mode=cfg.retrieval.mode,
+        search_mode=mode,
         image_retriever=image_retriever,
         cdir=cfg.cdir,
     )

@@ -243,7 +243,7 @@ class ScriptedBackend:
         by_id: dict[int, float] = {}
         row = []
         for tid in watch_token_ids:
-            letter = self.tokenizer.decode([tid]).strip().lstrip(">").strip().upper()
+            letter = self.tokenizer.decode([tid]).strip().lstrip(">(").strip().upper()
             p = probs.get(letter, 0.0)
             lp = math.log(p) if p > 0 else -30.0
             row.append(lp)

@@ -35,7 +35,7 @@ from medrwr.rollout.backends.base import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFBackend", "load_hf_policy"]
+__all__ = ["HFBackend", "image_placeholder_ids", "load_hf_policy", "render_chat"]
 
 _STOP_WINDOW = 24  # tokens decoded per step to look for a stop string (a stop string spans far fewer)
 
@@ -166,8 +166,6 @@ class HFBackend:
         self.pad_token_id = int(pad) if pad is not None else min(self._eos)
         self.image_token_id = self._token_id(getattr(processor, "image_token", None) or "<|image_pad|>")
         self.video_token_id = self._token_id(getattr(processor, "video_token", None) or "<|video_pad|>")
-        self.vision_start_id = self._token_id("<|vision_start|>")
-        self.vision_end_id = self._token_id("<|vision_end|>")
         self.forward_calls = 0
 
     # ------------------------------------------------------------------ helpers
@@ -201,33 +199,11 @@ class HFBackend:
 
     def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
         """Render with the chat template; for a VLM exactly ``processor.apply_chat_template(..., tokenize=True)``."""
-        if self.supports_images and any(isinstance(m.get("content"), list) for m in messages):
-            enc = self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-            )
-            ids = [int(x) for x in enc["input_ids"][0].tolist()]
-            mm = None
-            if "pixel_values" in enc and enc.get("image_grid_thw") is not None:
-                mm = self._split_images(enc["pixel_values"], enc["image_grid_thw"], list(images))
-            return PromptInputs(prompt_ids=ids, mm=mm)
-        if any(isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"]) for m in messages):
-            raise BackendError(
-                "this policy is text-only but the prompt has images: pass a vision-language model "
-                "(e.g. --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder)"
-            )
-        flat = [
-            {**m, "content": m["content"] if isinstance(m.get("content"), str)
-             else "".join(str(p.get("text", "")) for p in m.get("content", []))}
-            for m in messages
-        ]
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise BackendError("the tokenizer has no chat template; use an instruct checkpoint")
-        enc = self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
-        if hasattr(enc, "keys"):
-            enc = enc["input_ids"]
-        if enc and isinstance(enc[0], list):
-            enc = enc[0]
-        return PromptInputs(prompt_ids=[int(x) for x in enc], mm=None)
+        ids, enc = render_chat(self.processor, messages, self.supports_images)
+        mm = None
+        if enc is not None and "pixel_values" in enc and enc.get("image_grid_thw") is not None:
+            mm = self._split_images(enc["pixel_values"], enc["image_grid_thw"], list(images))
+        return PromptInputs(prompt_ids=ids, mm=mm)
 
     def _split_images(self, pixel_values, grid_thw, images: list[Any]) -> MultimodalInputs:
         rows = [int(g.prod()) for g in grid_thw]
@@ -248,14 +224,10 @@ class HFBackend:
                 "CDIR inserts an image, which needs a vision-language model "
                 "(e.g. --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder)"
             )
-        out = self.image_processor(images=[image], return_tensors="pt")
-        grid = out["image_grid_thw"]
-        merge = int(getattr(self.image_processor, "merge_size", 2))
-        n = int(grid[0].prod()) // (merge * merge)
-        if None in (self.vision_start_id, self.vision_end_id, self.image_token_id):
-            raise BackendError("the tokenizer lacks <|vision_start|>/<|image_pad|>/<|vision_end|>")
-        ids = [self.vision_start_id] + [self.image_token_id] * n + [self.vision_end_id]
-        mm = MultimodalInputs(images=[image], data={"pixel_values": [out["pixel_values"]], "image_grid_thw": [grid]})
+        ids, out = image_placeholder_ids(self.processor, image)
+        mm = MultimodalInputs(
+            images=[image], data={"pixel_values": [out["pixel_values"]], "image_grid_thw": [out["image_grid_thw"]]}
+        )
         return ids, mm
 
     # ------------------------------------------------------------------ generation
@@ -392,6 +364,65 @@ class HFBackend:
                 )
             )
         return out
+
+
+def _has_image_parts(messages: Sequence[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+        for m in messages
+    )
+
+
+def render_chat(processor: Any, messages: list[dict[str, Any]], supports_images: bool) -> tuple[list[int], Any]:
+    """Prompt ids from the chat template (+ the processor's image tensors for a VLM prompt with images).
+
+    For a VLM the ids are exactly ``processor.apply_chat_template(messages, add_generation_prompt=True,
+    tokenize=True)``, which TRL relies on when it rebuilds ``pixel_values`` from the dataset images.
+    """
+    if supports_images and any(isinstance(m.get("content"), list) for m in messages):
+        enc = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        return [int(x) for x in enc["input_ids"][0].tolist()], enc
+    if _has_image_parts(messages):
+        raise BackendError(
+            "this policy is text-only but the prompt has images: pass a vision-language model "
+            "(e.g. --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder)"
+        )
+    tokenizer = getattr(processor, "tokenizer", None) or processor
+    flat = [
+        {**m, "content": m["content"] if isinstance(m.get("content"), str)
+         else "".join(str(p.get("text", "")) for p in m.get("content", []) if isinstance(p, dict))}
+        for m in messages
+    ]
+    if not getattr(tokenizer, "chat_template", None):
+        raise BackendError("the tokenizer has no chat template; use an instruct (chat) checkpoint")
+    enc = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+    if hasattr(enc, "keys"):
+        enc = enc["input_ids"]
+    if enc and isinstance(enc[0], list):
+        enc = enc[0]
+    return [int(x) for x in enc], None
+
+
+def image_placeholder_ids(processor: Any, image: Any) -> tuple[list[int], Any]:
+    """``<|vision_start|>`` + ``<|image_pad|>`` × n + ``<|vision_end|>`` for one image, and its processor output.
+
+    ``n = prod(image_grid_thw) / merge_size²``, the same expansion the processor applies to a chat prompt.
+    """
+    tokenizer = getattr(processor, "tokenizer", None) or processor
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise BackendError("this processor has no image processor: the policy is text-only")
+    out = image_processor(images=[image], return_tensors="pt")
+    merge = int(getattr(image_processor, "merge_size", 2))
+    n = int(out["image_grid_thw"][0].prod()) // (merge * merge)
+    vocab = tokenizer.get_vocab()
+    image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
+    ids = [vocab.get("<|vision_start|>"), vocab.get(image_token), vocab.get("<|vision_end|>")]
+    if None in ids:
+        raise BackendError("the tokenizer lacks <|vision_start|>, <|image_pad|> or <|vision_end|>")
+    return [ids[0]] + [ids[1]] * n + [ids[2]], out
 
 
 # ---------------------------------------------------------------------- loading

@@ -1,0 +1,419 @@
+"""Retrieval-server benchmark: our batched service vs a server built the reference way, same index.
+
+Run ``python benchmarks/retrieval_server.py --quick`` (5k passages, ~5 min on 2 cores) or without
+``--quick`` (20k passages; the first run embeds them with the packaged MiniLM, ~6-10 min, cached under
+``benchmarks/results/cache``). Prints a table and writes ``benchmarks/results/retrieval_server.json``.
+
+What runs, each in its own process (the box has 2 cores; the load generator never shares a process
+with a server):
+
+1. **In-process ceiling**: ``HybridRetriever.search`` on the same queries, one at a time and in
+   batches of 32 / 64 (what the library can do with no HTTP at all).
+2. **Ours**: ``medrwr serve retrieval`` (dynamic batching, uvicorn) on loopback.
+3. **Baseline, the reference implementation's design**: a single-threaded stdlib ``HTTPServer``
+   (one request at a time, default listen backlog) whose ``/queries`` handler encodes and searches
+   each query on its own with the same index and encoder, and does no input checking.
+
+Both servers get identical requests: ``POST /queries {"queries": [q], "k": 3}`` (the reference's
+route, which ours keeps), single-query, from C concurrent clients (C = 1, 8, 32, 64), through one
+async httpx driver process. Reported: QPS, p50/p99 latency, errors; ratios ours/baseline and
+ours/in-process. A last row mixes 20% malformed requests (bad JSON, empty query, k=0, k=10^6,
+1 MB query) at 32 clients: good requests must still get correct answers, malformed ones a 4xx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "retrieval_server.json"
+CACHE = ROOT / "results" / "cache"
+K = 3
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _corpus(n: int):
+    """A deterministic, source-balanced subset of the shipped default KB (real medical passages)."""
+    from medrwr.retrieval.kb import iter_default_kb_documents
+
+    docs = list(iter_default_kb_documents())
+    step = max(1, len(docs) // n)
+    return docs[::step][:n], docs
+
+
+def _queries(all_docs, n: int = 512, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    templates = ["{t}", "what causes {t}", "symptoms of {t}", "treatment of {t}", "{t} in children",
+                 "differential diagnosis of {t}", "is {t} dangerous", "{t} lab findings"]
+    picks = rng.sample(all_docs, n)
+    return [rng.choice(templates).format(t=d.title.split("(")[0].strip().lower()[:80]) for d in picks]
+
+
+def build_or_reuse_index(n: int) -> tuple[Path, list[str]]:
+    from medrwr.retrieval.hybrid import build_index
+
+    path = CACHE / f"kb-subset-{n}-minilm"
+    docs, all_docs = _corpus(n)
+    queries = _queries(all_docs)
+    if (path / "manifest.json").is_file():
+        print(f"reusing index {path}", flush=True)
+        return path, queries
+    print(f"building index of {len(docs)} passages with the packaged MiniLM into {path} (cached) ...", flush=True)
+    t0 = time.perf_counter()
+    build_index(docs, path, encoder="default", show_progress=True)
+    print(f"built in {time.perf_counter() - t0:.0f}s", flush=True)
+    return path, queries
+
+
+# ------------------------------------------------------------------------------------------ in-process ceiling
+
+
+def in_process(index: Path, queries: list[str], mode: str, single: int) -> dict[str, Any]:
+    from medrwr.retrieval.hybrid import HybridRetriever
+
+    r = HybridRetriever.load(index)
+    r.warmup()
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for q in queries[:single]:
+        r.search([q], k=K, mode=mode)
+    out["batch_1"] = single / (time.perf_counter() - t0)
+    for b in (32, 64):
+        n = (len(queries) // b) * b
+        r.search(queries[:b], k=K, mode=mode)  # warm the shape
+        t0 = time.perf_counter()
+        for i in range(0, n, b):
+            r.search(queries[i : i + b], k=K, mode=mode)
+        out[f"batch_{b}"] = n / (time.perf_counter() - t0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ baseline server
+
+
+def run_baseline_server(index: str, port: int, mode: str) -> None:
+    """The reference design: one thread, one request at a time, each query encoded and searched alone."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from medrwr.retrieval.hybrid import HybridRetriever
+
+    retriever = HybridRetriever.load(index)
+    retriever.warmup()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like Werkzeug
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:  # no input checks, as in the reference's Flask route
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            queries, k = body["queries"], body.get("k", 3)
+            answers = [[h.text for h in retriever.search([q], k=k, mode=mode)[0]] for q in queries]
+            data = json.dumps({"queries": queries, "answers": answers}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = HTTPServer(("127.0.0.1", port), Handler)
+    print("READY", flush=True)
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def _payloads(queries: list[str], malformed_share: float, seed: int = 1) -> list[tuple[bytes, bool]]:
+    rng = random.Random(seed)
+    bad = [
+        b'{"queries": ["chest pain"',  # bad JSON
+        json.dumps({"queries": [""], "k": K}).encode(),
+        json.dumps({"queries": ["fever"], "k": 0}).encode(),
+        json.dumps({"queries": ["fever"], "k": 10**6}).encode(),
+        json.dumps({"queries": ["x" * 1_000_000], "k": K}).encode(),
+    ]
+    out = []
+    for i, q in enumerate(queries):
+        if rng.random() < malformed_share:
+            out.append((bad[i % len(bad)], False))
+        else:
+            out.append((json.dumps({"queries": [q], "k": K}).encode(), True))
+    return out
+
+
+async def _drive(url: str, payloads: list[tuple[bytes, bool]], concurrency: int, total: int,
+                 timeout: float) -> dict[str, Any]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    rejected = 0
+    counter = itertools.count()
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def one(body: bytes) -> Any:
+            return await client.post("/queries", content=body, headers=headers)
+
+        await asyncio.gather(*(one(payloads[i % len(payloads)][0]) for i in range(min(concurrency, 8)) if payloads[i][1]))
+
+        async def worker() -> None:
+            nonlocal rejected
+            while True:
+                i = next(counter)
+                if i >= total:
+                    return
+                body, good = payloads[i % len(payloads)]
+                t0 = time.perf_counter()
+                try:
+                    r = await one(body)
+                except httpx.TimeoutException:
+                    errors["timeout"] += 1
+                    continue
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] += 1
+                    continue
+                dt = time.perf_counter() - t0
+                if good:
+                    if r.status_code == 200 and len(r.json()["answers"][0]) == K:
+                        latencies.append(dt)
+                    else:
+                        errors[f"good_got_{r.status_code}"] += 1
+                elif 400 <= r.status_code < 500:
+                    rejected += 1
+                else:
+                    errors[f"bad_got_{r.status_code}"] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return {
+        "concurrency": concurrency, "sent": total, "ok": len(latencies), "rejected_4xx": rejected,
+        "errors": dict(errors), "n_errors": int(sum(errors.values())), "wall_s": round(wall, 2),
+        "qps": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+    }
+
+
+def drive_main(args: argparse.Namespace) -> None:
+    queries = json.loads(Path(args.queries_file).read_text())
+    payloads = _payloads(queries, args.malformed)
+    res = asyncio.run(_drive(args.url, payloads, args.concurrency, args.total, args.timeout))
+    print(json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code in (200, 404):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not come up")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run_driver(url: str, qfile: Path, concurrency: int, total: int, malformed: float, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--_drive", url, "--queries-file", str(qfile), "--concurrency", str(concurrency),
+           "--total", str(total), "--malformed", str(malformed), "--timeout", str(timeout)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"driver failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _levels(server: str, url: str, qfile: Path, plan: list[tuple[int, int]], mixed: tuple[int, int],
+            timeout: float) -> list[dict]:
+    rows = []
+    for c, total in plan:
+        res = _run_driver(url, qfile, c, total, 0.0, timeout)
+        res.update(server=server, workload="clean")
+        rows.append(res)
+        print(f"  {server:8s} C={c:3d}: {res['qps']:7.1f} q/s  p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:8.1f} ms"
+              f"  errors {res['n_errors']}", flush=True)
+    c, total = mixed
+    res = _run_driver(url, qfile, c, total, 0.2, timeout)
+    res.update(server=server, workload="20% malformed")
+    rows.append(res)
+    print(f"  {server:8s} C={c:3d} +20% malformed: {res['qps']:7.1f} good q/s, 4xx {res['rejected_4xx']}, "
+          f"errors {res['errors']}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5k passages, fewer requests")
+    ap.add_argument("--passages", type=int, default=None, help="index size (default 20000; --quick 5000)")
+    ap.add_argument("--mode", default="dense", choices=["bm25", "dense", "hybrid"])
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--timeout", type=float, default=60.0, help="per-request client timeout (s)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--_drive", dest="drive", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_baseline", dest="baseline", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--queries-file", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--total", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--malformed", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.drive:
+        args.url, args.concurrency = args.drive, int(args.concurrency)
+        return drive_main(args)
+    if args.baseline:
+        return run_baseline_server(args.baseline, args.port, args.mode)
+
+    n = args.passages or (5000 if args.quick else 20000)
+    conc = [int(c) for c in args.concurrency.split(",")]
+    per = 25 if args.quick else 50
+    plan = [(c, max(100, min(c * per, 1600 if not args.quick else 800))) for c in conc]
+    mixed = (32, 400 if args.quick else 800)
+    started = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg": os.getloadavg()}
+    index, queries = build_or_reuse_index(n)
+    qfile = CACHE / f"queries-{n}.json"
+    qfile.write_text(json.dumps(queries))
+
+    print(f"\nin-process ceiling ({args.mode}, k={K}) ...", flush=True)
+    ceiling = in_process(index, queries, args.mode, single=64 if args.quick else 128)
+    print("  " + ", ".join(f"{k}: {v:.1f} q/s" for k, v in ceiling.items()), flush=True)
+
+    rows: list[dict] = []
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    print(f"\nours: medrwr serve retrieval on {url}", flush=True)
+    env = dict(os.environ)
+    ours = subprocess.Popen(
+        [sys.executable, "-m", "medrwr.cli", "serve", "retrieval", "--index", str(index), "--port", str(port),
+         "--set", f"retrieval.mode={args.mode}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_ready(url, ours)
+        rows += _levels("ours", url, qfile, plan, mixed, args.timeout)
+    finally:
+        _stop(ours)
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    print(f"\nbaseline (reference design: single-threaded, per-query) on {url}", flush=True)
+    base = subprocess.Popen(
+        [sys.executable, __file__, "--_baseline", str(index), "--port", str(port), "--mode", args.mode],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert base.stdout is not None
+        line = base.stdout.readline()
+        if "READY" not in line:
+            raise RuntimeError("baseline server did not start")
+        rows += _levels("baseline", url, qfile, plan, mixed, args.timeout)
+    finally:
+        _stop(base)
+
+    table = _table(rows, ceiling)
+    print("\n" + table)
+    result = {
+        "benchmark": "retrieval_server", "quick": args.quick, "passages": n, "mode": args.mode, "k": K,
+        "encoder": "all-MiniLM-L6-v2 (packaged)", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                                              "python": platform.python_version()},
+        "load_start": started, "load_end": os.getloadavg(),
+        "in_process_qps": {k: round(v, 1) for k, v in ceiling.items()}, "rows": rows, "summary": _summary(rows, ceiling),
+        "table": table,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    print(f"\nwrote {out}")
+
+
+def _summary(rows: list[dict], ceiling: dict[str, float]) -> dict[str, Any]:
+    ours = {r["concurrency"]: r for r in rows if r["server"] == "ours" and r["workload"] == "clean"}
+    base = {r["concurrency"]: r for r in rows if r["server"] == "baseline" and r["workload"] == "clean"}
+    out: dict[str, Any] = {}
+    if 32 in ours and 32 in base:
+        out["ours_over_baseline_qps_at_32"] = round(ours[32]["qps"] / max(base[32]["qps"], 1e-9), 2)
+        out["ours_over_in_process_batch32_at_32"] = round(ours[32]["qps"] / ceiling["batch_32"], 2)
+        out["ours_over_in_process_best_at_32"] = round(ours[32]["qps"] / max(ceiling.values()), 2)
+        out["targets"] = {
+            ">=5x baseline at 32 clients": out["ours_over_baseline_qps_at_32"] >= 5,
+            ">=0.7x in-process batched (batch 32)": out["ours_over_in_process_batch32_at_32"] >= 0.7,
+        }
+    return out
+
+
+def _table(rows: list[dict], ceiling: dict[str, float]) -> str:
+    base = {(r["concurrency"], r["workload"]): r for r in rows if r["server"] == "baseline"}
+    lines = [
+        "| clients | workload | ours q/s | ours p50 / p99 ms | ours errors | baseline q/s | baseline p50 / p99 ms "
+        "| baseline errors | ours / baseline | ours / in-process (batch 32) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in (r for r in rows if r["server"] == "ours"):
+        b = base.get((r["concurrency"], r["workload"]))
+        bq = b["qps"] if b else float("nan")
+        lines.append(
+            f"| {r['concurrency']} | {r['workload']} | {r['qps']:.1f} | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | "
+            f"{r['n_errors']} | {bq:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | {b['n_errors']} | "
+            f"{r['qps'] / bq if bq else float('inf'):.1f}x | {r['qps'] / ceiling['batch_32']:.2f} |"
+            if b else f"| {r['concurrency']} | {r['workload']} | {r['qps']:.1f} | | | | | | | |"
+        )
+    lines.append("")
+    lines.append("in-process (no HTTP): " + ", ".join(f"{k.replace('_', ' ')}: {v:.1f} q/s" for k, v in ceiling.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
