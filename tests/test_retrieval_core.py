@@ -147,12 +147,17 @@ def test_bm25_matches_independent_implementation(k1, b):
     split = [re.findall(r"\w\w+", t.lower()) for t in texts]  # bm25s's token pattern, no stemming/stopwords
     ix = BM25Index(k1=k1, b=b, stemmer=None, stopwords=None).index(texts)
     queries = ["chest pain radiating to the arm", "fever and cough", "thyroid hormone", "pain"]
-    ids, scores = ix.search(queries, k=len(texts))
-    for qi, q in enumerate(queries):
-        hand = _hand_bm25(split, re.findall(r"\w\w+", q.lower()), k1, b)
-        np.testing.assert_allclose(scores[qi], hand[ids[qi]], rtol=1e-5, atol=1e-6)  # same score per doc
-        np.testing.assert_allclose(scores[qi], np.sort(hand)[::-1], rtol=1e-5, atol=1e-6)  # same ranking
-        assert hand[ids[qi][0]] == hand.max() > 0
+    for use_bm25s in (False, True):  # our one-product batch scorer, and bm25s's own retrieve
+        ix.use_bm25s_retrieve = use_bm25s
+        ids, scores = ix.search(queries, k=len(texts))
+        for qi, q in enumerate(queries):
+            hand = _hand_bm25(split, re.findall(r"\w\w+", q.lower()), k1, b)
+            found = ids[qi] >= 0
+            assert set(ids[qi][found].tolist()) == set(np.flatnonzero(hand > 0).tolist())  # exactly the matches
+            assert (scores[qi][~found] == 0).all()
+            np.testing.assert_allclose(scores[qi][found], hand[ids[qi][found]], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(scores[qi][found], np.sort(hand[hand > 0])[::-1], rtol=1e-5, atol=1e-6)
+            assert hand[ids[qi][0]] == hand.max() > 0
 
 
 def test_bm25_stemming_and_stopwords_are_configurable():
@@ -182,7 +187,7 @@ def test_bm25_batched_equals_single_and_k_is_clipped(tmp_path):
         np.testing.assert_allclose(s1[0], scores[i])
         if scores[i][0] > 0:
             assert i1[0][0] == ids[i][0]
-    assert (scores[2] == 0).all() and (scores[3] == 0).all()
+    assert (scores[2] == 0).all() and (scores[3] == 0).all() and (ids[2] == -1).all() and (ids[3] == -1).all()
     ids, _ = ix.search(["pain"], k=10_000)
     assert ids.shape == (1, len(texts))
     ix.save(tmp_path / "bm25")

@@ -286,7 +286,17 @@ def test_mismatched_columns_are_a_clear_error():
 
 @pytest.mark.parametrize(
     "module",
-    ["_common", "accuracy", "format", "length", "entities", "query_semantic", "confidence_gain", "total", "__init__"],
+    [
+        "_common",
+        "accuracy",
+        "format",
+        "length",
+        "entities",
+        "query_semantic",
+        "confidence_gain",
+        "total",
+        "__init__",
+    ],
 )
 def test_doctest_examples(module):
     import doctest
@@ -295,3 +305,18 @@ def test_doctest_examples(module):
     mod = importlib.import_module("medrwr.rewards" if module == "__init__" else f"medrwr.rewards.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_serialised_traces_are_accepted():
+    text = searched("B")
+    trace = as_trace(text)
+    as_dict = trace.to_dict()
+    for fn in (accuracy_reward, format_reward, format_compat_reward, length_reward):
+        assert (
+            fn(traces=[as_dict], answer=["B"])
+            == fn(traces=[trace], answer=["B"])
+            == fn(completions=[text], answer=["B"])
+        )
+    assert format_reward(
+        traces=[{"completion_text": "<think>a</think><answer>B</answer>", "bogus": 1}], answer=["B"]
+    ) == [1.0]

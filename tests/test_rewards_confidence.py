@@ -92,11 +92,11 @@ def _letter_ids_by_vocab(tok, letters: str) -> dict[str, list[int]]:
             [[i] for i in range(len(tok))], clean_up_tokenization_spaces=False
         )
     texts = _VOCAB_TEXTS[id(tok)]
-    pat = re.compile(r"^(?:|\s|>|> |\n|>\n)([A-Ja-j])$")
+    pat = re.compile(r"^(?:|\s|>|> |\n)([A-Ja-j])$")
     out: dict[str, list[int]] = {L: [] for L in letters}
     for i, t in enumerate(texts):
         m = pat.match(t)
-        if m and m.group(1).upper() in out and (m.group(0)[:-1] in ("", " ", ">", "> ", "\n", ">\n")):
+        if m and m.group(1).upper() in out and (m.group(0)[:-1] in ("", " ", ">", "> ", "\n")):
             out[m.group(1).upper()].append(i)
     return out
 

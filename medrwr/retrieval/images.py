@@ -28,9 +28,10 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def _describe(x: Any) -> str:
     return repr(x) if not isinstance(x, (str, Path)) else str(x)
 
 
-def _dicom_to_pil(path_or_file: Any) -> "Any":
+def _dicom_to_pil(path_or_file: Any) -> Any:
     from PIL import Image
 
     try:
@@ -90,7 +91,7 @@ def _dicom_to_pil(path_or_file: Any) -> "Any":
     return Image.fromarray(arr.astype(np.uint8))
 
 
-def load_image(image: ImageInput) -> "Any":
+def load_image(image: ImageInput) -> Any:
     """Open a PIL image, a path (PNG/JPEG/... or DICOM) or raw bytes as an RGB PIL image."""
     from PIL import Image, UnidentifiedImageError
 
@@ -180,7 +181,7 @@ class PixelStatsEncoder:
         )
 
 
-def _features(out: Any) -> "Any":
+def _features(out: Any) -> Any:
     """transformers 5 returns a model output from get_*_features; older versions a tensor."""
     import torch
 
@@ -414,8 +415,7 @@ class ImageIndex:
             emb = np.concatenate(embs).astype(np.float32)
             np.save(tmp / EMB_FILE, emb, allow_pickle=False)
             with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
-                for it in items:
-                    f.write(json.dumps(it, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
             write_manifest(tmp, {"kind": INDEX_KIND, "encoder": enc.name, "dim": int(emb.shape[1]),
                                  "joint": bool(enc.joint), "num_images": len(items),
                                  "source_manifest": str(manifest.name)})
@@ -423,7 +423,7 @@ class ImageIndex:
         return Path(out_dir)
 
     @classmethod
-    def load(cls, path: str | Path, encoder: ImageEncoder | str | None = None) -> "ImageIndex":
+    def load(cls, path: str | Path, encoder: ImageEncoder | str | None = None) -> ImageIndex:
         from medrwr.retrieval.store import load_manifest
 
         p = Path(path).expanduser()
@@ -437,7 +437,8 @@ class ImageIndex:
                 f"image index {p} was built with encoder {manifest['encoder']!r} (dim {manifest['dim']}); "
                 f"got {enc.name!r} (dim {enc.dim}). Load it with the same encoder or rebuild the index."
             )
-        items = [json.loads(line) for line in open(p / ITEMS_FILE, encoding="utf-8") if line.strip()]
+        with open(p / ITEMS_FILE, encoding="utf-8") as f:
+            items = [json.loads(line) for line in f if line.strip()]
         emb = np.load(p / EMB_FILE, allow_pickle=False)
         if len(items) != len(emb):
             raise ImageIndexError(f"image index {p}: {len(items)} items but {len(emb)} embeddings; rebuild it")
@@ -474,11 +475,11 @@ _DEMO_CASES = [
     ("skimage", "retina", "retina.png",
      "Colour fundus photograph of a human retina showing the optic disc, macula and retinal blood vessels."),
     ("skimage", "microaneurysms", "microaneurysms.png",
-     "Grayscale crop of a retinal fundus image with microaneurysms, small red dots typical of diabetic "
-     "retinopathy."),
+     ("Grayscale crop of a retinal fundus image with microaneurysms, small red dots typical of diabetic "
+      "retinopathy.")),
     ("skimage", "immunohistochemistry", "ihc.png",
-     "Immunohistochemistry (IHC) slide of human tissue stained with hematoxylin (nuclei, blue) and DAB "
-     "(brown), light microscopy."),
+     ("Immunohistochemistry (IHC) slide of human tissue stained with hematoxylin (nuclei, blue) and DAB "
+      "(brown), light microscopy.")),
     ("skimage", "cell", "cell.png",
      "Light-microscopy image of a single cell (human cell line) used for segmentation examples."),
     ("pydicom", "CT_small.dcm", "ct_small.png",
@@ -488,7 +489,7 @@ _DEMO_CASES = [
 ]
 
 
-def _demo_image(package: str, name: str) -> "Any":
+def _demo_image(package: str, name: str) -> Any:
     from PIL import Image
 
     if package == "skimage":
@@ -532,7 +533,7 @@ def build_demo_image_index(out_dir: str | Path | None = None, encoder: ImageEnco
                 continue
             try:
                 img = _demo_image(package, name)
-            except Exception as exc:  # a sample missing from this version of the package: skip it
+            except (ImportError, AttributeError, OSError, ValueError) as exc:  # sample missing in this version
                 logger.warning("demo image %s/%s unavailable (%s); skipping", package, name, exc)
                 continue
             img.save(Path(tmp) / fname)

@@ -32,8 +32,9 @@ import importlib
 import importlib.util
 import logging
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from medrwr.retrieval.corpus import Document
 from medrwr.retrieval.static import cache_root
@@ -404,11 +405,11 @@ def default_index_path() -> Path:
 
 def _is_ready(path: Path, sources: Sequence[str] | None = None, limit: int | None = None) -> bool:
     """True when ``path`` holds a finished default-KB index of this version with these sources/subset."""
-    from medrwr.retrieval.store import load_manifest
+    from medrwr.retrieval.store import IndexStoreError, load_manifest
 
     try:
         manifest = load_manifest(path, verify=False)
-    except Exception:  # missing or half-written: (re)build
+    except (IndexStoreError, OSError):  # missing or half-written: (re)build
         return False
     return (manifest.get("kb_version") == KB_VERSION
             and manifest.get("kb_sources") == list(SOURCES if sources is None else sources)

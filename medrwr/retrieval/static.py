@@ -20,8 +20,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -113,7 +113,7 @@ class StaticEncoder:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> "StaticEncoder":
+    def load(cls, path: str | Path) -> StaticEncoder:
         from safetensors.numpy import load_file
 
         path = Path(path)
@@ -171,7 +171,7 @@ def _reference_texts() -> Iterator[str] | None:
 
         docs = iter_default_kb_documents(sources)
         first = next(docs)
-    except Exception as exc:  # knowledge packages missing: fall back to the Zipf prior
+    except (ImportError, RuntimeError, OSError, StopIteration) as exc:  # no sources: fall back to Zipf
         logger.info("no medical reference texts for IDF weights (%s); using Zipf-rank SIF weights", exc)
         return None
 

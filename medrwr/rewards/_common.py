@@ -76,14 +76,14 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _parse_cached(text: str) -> ParsedCompletion:
     return parse_completion(text)
 
 
 def parse_text(text: str) -> ParsedCompletion:
     """:func:`parse_completion` with a per-process LRU cache keyed by the text (the rewards of a step share it)."""
-    if len(text) > 200_000:  # don't pin megabyte strings in the cache
+    if len(text) > 64_000:  # don't pin huge strings in the cache
         return parse_completion(text)
     return _parse_cached(text)
 
@@ -165,7 +165,9 @@ def _view_from_trace(trace: Any, fallback: Any) -> SampleView:
         valid = bool(getattr(trace, "valid", False))
     except (TypeError, ValueError):  # an array or other odd value: not a verdict
         valid = False
-    has_think = valid or any(getattr(s, "kind", None) == "think" for s in (getattr(trace, "spans", None) or ()))
+    has_think = valid or any(
+        getattr(s, "kind", None) == "think" for s in (getattr(trace, "spans", None) or ())
+    )
     return SampleView(
         text=text,
         valid=valid,
@@ -176,6 +178,15 @@ def _view_from_trace(trace: Any, fallback: Any) -> SampleView:
         choice=choice.upper() if choice else None,
         trace=trace,
     )
+
+
+def _trace_from_dict(d: Mapping[str, Any]) -> Any:
+    from medrwr.rollout.trace import RolloutTrace
+
+    try:
+        return RolloutTrace.from_dict(dict(d))
+    except (TypeError, ValueError, KeyError):
+        return str(d.get("completion_text") or "")
 
 
 def sample_views(completions: Sequence[Any] | None, traces: Sequence[Any] | None) -> list[SampleView]:
@@ -195,6 +206,8 @@ def sample_views(completions: Sequence[Any] | None, traces: Sequence[Any] | None
     for i in range(n):
         raw = completions[i] if completions is not None else ""
         trace = traces[i] if traces is not None else None
+        if isinstance(trace, Mapping) and ("completion_ids" in trace or "completion_text" in trace):
+            trace = _trace_from_dict(trace)  # a serialised RolloutTrace (to_dict)
         if trace is None or isinstance(trace, (str, list, dict)):
             views.append(_view_from_text(completion_text(trace if trace is not None else raw)))
         else:

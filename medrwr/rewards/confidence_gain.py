@@ -62,8 +62,8 @@ logger = logging.getLogger(__name__)
 
 MIN_LOGPROB = math.log(1e-9)
 RANGE = (MIN_LOGPROB, -MIN_LOGPROB)
-LETTER_PREFIXES = ("", " ", ">", "> ", "\n", ">\n")
-"""Prefixes of the single-token letter spellings summed per option (the engine's table plus ``>\\n``)."""
+LETTER_PREFIXES = ("", " ", ">", "> ", "\n")
+"""Prefixes of the single-token letter spellings summed per option (the same table as the rollout engine's)."""
 _ANSWER_OPEN = "<answer>"
 _NON_WS = re.compile(r"\S")
 
@@ -334,6 +334,7 @@ class ConfidenceGainReward:
         pad = 0 if pad is None else int(pad)
         order = sorted(range(len(seqs)), key=lambda j: len(seqs[j][0]))
         results: list[Any] = [None] * len(seqs)
+        pixel_cache: dict[tuple[int, int], dict[str, Any]] = {}
         was_training = getattr(model, "training", False)
         if hasattr(model, "eval"):
             model.eval()
@@ -360,7 +361,10 @@ class ConfidenceGainReward:
                                     f"a prompt holds {n_img} image placeholder tokens but the sample has no images: "
                                     "pass them in the 'images' dataset column (or keep them on the trace)"
                                 )
-                            px = self._pixel_inputs(images, n_img)
+                            key = (id(images), n_img)  # the with/without pair shares its images
+                            px = pixel_cache.get(key)
+                            if px is None:
+                                px = pixel_cache[key] = self._pixel_inputs(images, n_img)
                             pv.append(px["pixel_values"])
                             grids.append(px["image_grid_thw"])
                     batch: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
@@ -445,6 +449,10 @@ class ConfidenceGainReward:
                 item.without_logp = 0.0 if lwo is None else lwo
             else:
                 item.without_ids = prompt_ids + model_ids[:p]
+            if (item.with_ids is not None and not item.with_ids) or (
+                item.without_ids is not None and not item.without_ids
+            ):
+                continue  # nothing precedes the answer token: no distribution to read
             items.append(item)
         seqs: list[tuple[list[int], list[Any]]] = []
         slots: list[tuple[_Item, str]] = []

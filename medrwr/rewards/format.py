@@ -14,7 +14,7 @@ Compat (``compat=True``, the reference's ``MultiStepFormatORM``), σf ∈ {-2, -
   block does not follow a query (no penalties are subtracted in these cases, as in the reference);
 - without queries: 1 for exactly ``<think>…</think> <answer>…</answer>`` (one think, one answer), else 0;
 - with queries: ``( think ( query retrieve )? )* answer`` with a single final answer -> 3 when correct
-  (σa = 1), 1 when not; else 0;
+  (σa = 1; the reference also demanded option text after the letter), 1 when not; else 0;
 - then -1 if any block is empty or whitespace-only and -1 if three newlines (``\\n``/``\\r``) occur in a row.
 
 Unlike the reference, the checks look at model-written text only: retrieve-block contents are masked before
