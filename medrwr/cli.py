@@ -123,24 +123,26 @@ def index_info(
         typer.echo(json.dumps(m, indent=2, ensure_ascii=False))
         return
     files = m.get("files", {})
+    corpus = m.get("corpus") or {}
     enc = m.get("encoder") or {}
     dense = m.get("dense") or {}
     rows = [
         ("path", str(path)),
         ("format version", str(m.get("format_version"))),
-        ("created", f"{m.get('created_at')} (medrwr {m.get('medrwr_version')}, {m.get('build_seconds', '?')}s)"),
+        ("created", f"{m.get('created_at')} (medrwr {m.get('medrwr_version')}, {m.get('build_seconds')}s)"),
         ("documents", str(m.get("doc_count"))),
-        ("sources", ", ".join(f"{k or '-'}: {v}" for k, v in (m.get("corpus", {}).get("sources") or {}).items())),
-        ("corpus sha256", str(m.get("corpus", {}).get("sha256"))),
+        ("sources", ", ".join(f"{k or '-'}: {v}" for k, v in (corpus.get("sources") or {}).items())),
+        ("corpus sha256", str(corpus.get("sha256"))),
         ("modes", ", ".join(m.get("modes", []))),
         ("bm25", ", ".join(f"{k}={v}" for k, v in (m.get("bm25") or {}).items())),
-        ("encoder", f"{enc.get('name')} (spec {enc.get('spec')!r}, dim {enc.get('dim')})" if enc else "none (BM25 only)"),
+        ("encoder", f"{enc.get('name')} ({enc.get('spec')!r}, dim {enc.get('dim')})"
+         if enc else "none (BM25 only)"),
         ("faiss", ", ".join(f"{k}={v}" for k, v in dense.items() if v is not None) if dense else "none"),
         ("files", f"{len(files)} files, {sum(f.get('size', 0) for f in files.values()) / 1e6:.1f} MB"),
-        ("checksums", "ok (every byte hashed)" if verify else "ok (sizes + sha256; big files: first/last MiB)"),
+        ("checksums", "ok (every byte hashed)" if verify else "ok (size + sha256; big files: ends only)"),
     ]
-    known = {"kind", "doc_count", "corpus", "modes", "bm25", "encoder", "dense", "build_config", "build_seconds",
-             "format_version", "created_at", "medrwr_version", "files", "checksum_policy"}
+    known = {"kind", "doc_count", "corpus", "modes", "bm25", "encoder", "dense", "build_config",
+             "build_seconds", "format_version", "created_at", "medrwr_version", "files", "checksum_policy"}
     for key, value in m.items():
         if key not in known:
             rows.append((key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
@@ -313,7 +315,7 @@ def ask(
             raise CLIError(f"image file {p} does not exist")
     from medrwr.rollout.backends import BackendError, policy_supports_images
 
-    if images and cfg.model.backend == "hf" and not policy_supports_images(cfg.model.name):
+    if images and cfg.model.backend == "hf" and policy_supports_images(cfg.model.name) is False:
         which = "the default policy (SmolLM2-135M-Instruct)" if cfg.model.name is None else cfg.model.name
         raise CLIError(
             f"--image needs a vision-language model, and {which} is text-only. Pass one with "

@@ -155,7 +155,7 @@ def test_sharded_results_equal_unsharded(shard_dirs, unsharded, n, mode):
     sharded = ShardedRetriever.from_dirs(shard_dirs[n])
     try:
         assert sharded.doc_count == unsharded.doc_count and sharded.modes == unsharded.modes
-        for k in (1, 3, 10, 50):
+        for k in (1, 50):  # 50 = fusion_depth: every merged candidate matters
             _same(sharded.search(QUERIES, k=k, mode=mode), unsharded.search(QUERIES, k=k, mode=mode))
         # the de-duplication of identical passages happens after the merge, as in the unsharded index
         lactate = sharded.search(["lactate clearance"], k=4, mode=mode)[0]

@@ -27,23 +27,64 @@ def corpus_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sparse_index(corpus_file) -> Path:
     out = corpus_file.parent / "sparse-ix"
-    assert main(["index", "build", "--corpus", str(corpus_file), "--out", str(out),
-                 "--set", "retrieval.dense=false"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--set",
+                "retrieval.dense=false",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def dense_index(corpus_file) -> Path:
     out = corpus_file.parent / "dense-ix"
-    assert main(["index", "build", "--corpus", str(corpus_file), "--out", str(out), "--preset", "medrag",
-                 "--set", "retrieval.device=cpu"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--preset",
+                "medrag",
+                "--set",
+                "retrieval.device=cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_build_prints_summary(corpus_file, tmp_path, capsys):
     out = tmp_path / "ix"
-    assert main(["index", "build", "--corpus", str(corpus_file), "--out", str(out),
-                 "--set", "retrieval.dense=false"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--set",
+                "retrieval.dense=false",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "built" in text and "4 documents" in text and "bm25" in text
     assert (out / "manifest.json").is_file()
@@ -59,8 +100,20 @@ def test_info_table_and_json(sparse_index, capsys):
 
 
 def test_retrieve_json_bm25(sparse_index, capsys):
-    code = main(["retrieve", "coughing blood", "whistling", "--index", str(sparse_index),
-                 "--mode", "bm25", "-k", "2", "--json"])
+    code = main(
+        [
+            "retrieve",
+            "coughing blood",
+            "whistling",
+            "--index",
+            str(sparse_index),
+            "--mode",
+            "bm25",
+            "-k",
+            "2",
+            "--json",
+        ]
+    )
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["mode"] == "bm25" and payload["k"] == 2
@@ -79,13 +132,15 @@ def test_retrieve_table_hybrid(dense_index, capsys):
 
 
 def test_retrieve_dense_json(dense_index, capsys):
-    assert main(["retrieve", "swollen appendix", "--index", str(dense_index), "--mode", "dense", "--json"]) == 0
+    assert (
+        main(["retrieve", "swollen appendix", "--index", str(dense_index), "--mode", "dense", "--json"]) == 0
+    )
     hits = json.loads(capsys.readouterr().out)["results"][0]["hits"]
     assert hits[0]["doc_id"] == "icd-K35" and len(hits) == 3  # default k from config
 
 
 def test_retrieve_uses_default_kb_when_no_index(sparse_index, monkeypatch, capsys):
-    import medrwr.retrieval.kb as kb
+    from medrwr.retrieval import kb
 
     monkeypatch.setattr(kb, "ensure_default_index", lambda *a, **kw: sparse_index)
     assert main(["retrieve", "appendix", "--mode", "bm25", "--json"]) == 0
@@ -105,17 +160,46 @@ def test_errors_exit_1_with_a_clear_message(sparse_index, tmp_path, capsys):
     assert "built without them" in _err(capsys)
     assert main(["index", "info", str(tmp_path)]) == 1
     assert "no manifest.json" in _err(capsys)
-    assert main(["index", "build", "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(["index", "build", "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+        == 1
+    )
     assert "does not exist" in _err(capsys)
-    assert main(["index", "build", "--corpus", str(sparse_index / "docs.jsonl"), "--out", str(tmp_path / "o"),
-                 "--set", "retrieval.nope=1"]) == 1
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--corpus",
+                str(sparse_index / "docs.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--set",
+                "retrieval.nope=1",
+            ]
+        )
+        == 1
+    )
     assert "unknown key 'retrieval.nope'" in _err(capsys)
 
 
 def test_corrupt_index_is_reported(corpus_file, tmp_path, capsys):
     out = tmp_path / "ix"
-    assert main(["index", "build", "--corpus", str(corpus_file), "--out", str(out),
-                 "--set", "retrieval.dense=false"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--set",
+                "retrieval.dense=false",
+            ]
+        )
+        == 0
+    )
     docs = out / "docs.jsonl"
     docs.write_bytes(docs.read_bytes().replace(b"Wheezing", b"Sneezing"))
     capsys.readouterr()

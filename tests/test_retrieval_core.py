@@ -18,29 +18,59 @@ from medrwr.retrieval.corpus import Document
 from medrwr.retrieval.hybrid import HybridRetriever, build_index, rrf_fuse
 
 FACTS = [
-    ("Myocardial infarction", "Necrosis of heart muscle caused by occlusion of a coronary artery; presents with crushing chest pain radiating to the left arm."),
-    ("Angina pectoris", "Chest discomfort from transient myocardial ischemia, relieved by rest or nitroglycerin."),
+    (
+        "Myocardial infarction",
+        "Necrosis of heart muscle caused by occlusion of a coronary artery; presents with crushing chest pain radiating to the left arm.",
+    ),
+    (
+        "Angina pectoris",
+        "Chest discomfort from transient myocardial ischemia, relieved by rest or nitroglycerin.",
+    ),
     ("Asthma", "Chronic inflammatory airway disease with reversible bronchoconstriction, wheeze and cough."),
     ("COPD", "Chronic obstructive pulmonary disease: persistent airflow limitation, usually from smoking."),
-    ("Pneumonia", "Infection of the lung parenchyma with fever, productive cough and consolidation on chest X-ray."),
-    ("Pneumothorax", "Air in the pleural space; chest radiograph shows a visceral pleural line and absent lung markings."),
-    ("Pulmonary embolism", "Thrombus lodged in the pulmonary arteries; sudden dyspnea, pleuritic pain, tachycardia."),
+    (
+        "Pneumonia",
+        "Infection of the lung parenchyma with fever, productive cough and consolidation on chest X-ray.",
+    ),
+    (
+        "Pneumothorax",
+        "Air in the pleural space; chest radiograph shows a visceral pleural line and absent lung markings.",
+    ),
+    (
+        "Pulmonary embolism",
+        "Thrombus lodged in the pulmonary arteries; sudden dyspnea, pleuritic pain, tachycardia.",
+    ),
     ("Pleural effusion", "Fluid in the pleural cavity; blunting of the costophrenic angle on radiographs."),
     ("Cardiomegaly", "Enlarged cardiac silhouette with a cardiothoracic ratio above 0.5 on a PA chest film."),
     ("Heart failure", "The heart cannot pump enough blood; edema, orthopnea and elevated BNP."),
-    ("Atrial fibrillation", "Irregularly irregular rhythm without P waves; risk of stroke, treated with anticoagulation."),
+    (
+        "Atrial fibrillation",
+        "Irregularly irregular rhythm without P waves; risk of stroke, treated with anticoagulation.",
+    ),
     ("Hypertension", "Persistently raised arterial blood pressure, a major risk factor for stroke."),
-    ("Ischemic stroke", "Sudden focal neurological deficit from an occluded cerebral artery; treat with thrombolysis."),
+    (
+        "Ischemic stroke",
+        "Sudden focal neurological deficit from an occluded cerebral artery; treat with thrombolysis.",
+    ),
     ("Migraine", "Recurrent unilateral throbbing headache with photophobia, nausea and sometimes aura."),
-    ("Meningitis", "Inflammation of the meninges; fever, neck stiffness and headache; lumbar puncture confirms."),
+    (
+        "Meningitis",
+        "Inflammation of the meninges; fever, neck stiffness and headache; lumbar puncture confirms.",
+    ),
     ("Epilepsy", "Recurrent unprovoked seizures caused by abnormal neuronal discharges."),
     ("Type 1 diabetes", "Autoimmune destruction of pancreatic beta cells causing insulin deficiency."),
     ("Type 2 diabetes", "Insulin resistance with hyperglycemia; first-line therapy is metformin."),
     ("Hypothyroidism", "Low thyroid hormone: fatigue, weight gain, cold intolerance, raised TSH."),
     ("Hyperthyroidism", "Excess thyroid hormone: weight loss, tremor, heat intolerance, low TSH."),
-    ("Appendicitis", "Inflammation of the appendix with periumbilical pain migrating to the right lower quadrant."),
+    (
+        "Appendicitis",
+        "Inflammation of the appendix with periumbilical pain migrating to the right lower quadrant.",
+    ),
     ("Cholecystitis", "Inflammation of the gallbladder with right upper quadrant pain and Murphy sign."),
-    ("Pancreatitis", "Epigastric pain radiating to the back with raised lipase, often from gallstones or alcohol."),
+    (
+        "Pancreatitis",
+        "Epigastric pain radiating to the back with raised lipase, often from gallstones or alcohol.",
+    ),
     ("Cirrhosis", "End-stage liver fibrosis with ascites, varices and jaundice."),
     ("Hepatitis B", "Viral liver infection transmitted by blood and sexual contact; vaccine available."),
     ("Celiac disease", "Gluten-sensitive enteropathy with villous atrophy and malabsorption."),
@@ -64,15 +94,24 @@ FACTS = [
     ("HIV infection", "Retrovirus depleting CD4 T cells; treated with antiretroviral therapy."),
     ("Malaria", "Plasmodium infection transmitted by Anopheles mosquitoes; cyclic fevers."),
     ("Sepsis", "Life-threatening organ dysfunction caused by a dysregulated response to infection."),
-    ("Anaphylaxis", "Severe allergic reaction with hypotension and airway swelling; give intramuscular epinephrine."),
+    (
+        "Anaphylaxis",
+        "Severe allergic reaction with hypotension and airway swelling; give intramuscular epinephrine.",
+    ),
     ("Depression", "Persistent low mood and anhedonia for at least two weeks."),
     ("Schizophrenia", "Psychotic disorder with hallucinations, delusions and disorganised thinking."),
     ("Alzheimer disease", "Progressive dementia with amyloid plaques and neurofibrillary tangles."),
     ("Parkinson disease", "Resting tremor, rigidity and bradykinesia from loss of dopaminergic neurons."),
     ("Multiple sclerosis", "Demyelinating disease of the central nervous system with relapses."),
-    ("Aortic dissection", "Tear in the aortic intima; tearing chest pain radiating to the back, widened mediastinum."),
+    (
+        "Aortic dissection",
+        "Tear in the aortic intima; tearing chest pain radiating to the back, widened mediastinum.",
+    ),
     ("Deep vein thrombosis", "Clot in a deep leg vein; swollen painful calf; may embolise to the lung."),
-    ("Fracture of the femoral neck", "Hip fracture in elderly patients after a fall; shortened externally rotated leg."),
+    (
+        "Fracture of the femoral neck",
+        "Hip fracture in elderly patients after a fall; shortened externally rotated leg.",
+    ),
 ]
 
 
@@ -80,7 +119,9 @@ def _docs() -> list[Document]:
     docs = [Document(f"d{i:02d}", t, x, "toy-kb") for i, (t, x) in enumerate(FACTS)]
     # duplicates for de-duplication: same text under a new id, and an existing id reused with new text
     docs.append(Document("dup-mi", "Myocardial infarction (copy)", FACTS[0][1], "mirror"))
-    docs.append(Document("d02", "Asthma again", "Asthma exacerbations are treated with inhaled salbutamol.", "toy-kb"))
+    docs.append(
+        Document("d02", "Asthma again", "Asthma exacerbations are treated with inhaled salbutamol.", "toy-kb")
+    )
     return docs
 
 
@@ -153,7 +194,9 @@ def test_bm25_matches_independent_implementation(k1, b):
         for qi, q in enumerate(queries):
             hand = _hand_bm25(split, re.findall(r"\w\w+", q.lower()), k1, b)
             found = ids[qi] >= 0
-            assert set(ids[qi][found].tolist()) == set(np.flatnonzero(hand > 0).tolist())  # exactly the matches
+            assert set(ids[qi][found].tolist()) == set(
+                np.flatnonzero(hand > 0).tolist()
+            )  # exactly the matches
             assert (scores[qi][~found] == 0).all()
             np.testing.assert_allclose(scores[qi][found], hand[ids[qi][found]], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(scores[qi][found], np.sort(hand[hand > 0])[::-1], rtol=1e-5, atol=1e-6)
@@ -190,6 +233,14 @@ def test_bm25_batched_equals_single_and_k_is_clipped(tmp_path):
     assert (scores[2] == 0).all() and (scores[3] == 0).all() and (ids[2] == -1).all() and (ids[3] == -1).all()
     ids, _ = ix.search(["pain"], k=10_000)
     assert ids.shape == (1, len(texts))
+    # the one-product batch scorer gives bm25s's own scores (stemming + stopwords on, repeated terms)
+    more = ["Chest pains radiating to the arms", "sugar sugar insulin", "the of and", "stroke risk"]
+    fast = ix.search(more, k=8)
+    ix.use_bm25s_retrieve = True
+    slow = ix.search(more, k=8)
+    ix.use_bm25s_retrieve = False
+    np.testing.assert_allclose(fast[1], slow[1], rtol=1e-6)
+    np.testing.assert_array_equal(fast[0] >= 0, slow[0] >= 0)
     ix.save(tmp_path / "bm25")
     assert not list((tmp_path / "bm25").rglob("*.pkl"))
     for f in (tmp_path / "bm25").glob("*.npy"):
@@ -271,7 +322,9 @@ def test_retriever_protocol_and_metadata(retriever):
 
 @pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
 def test_each_mode_returns_ranked_hits(retriever, mode):
-    results = retriever.search(["crushing chest pain radiating to the left arm", "gluten enteropathy"], k=4, mode=mode)
+    results = retriever.search(
+        ["crushing chest pain radiating to the left arm", "gluten enteropathy"], k=4, mode=mode
+    )
     assert len(results) == 2
     for hits in results:
         assert 1 <= len(hits) <= 4 and all(isinstance(h, Hit) for h in hits)
@@ -301,7 +354,9 @@ def test_hybrid_is_rrf_of_the_two_rankings(retriever):
 
 def test_hits_are_deduplicated(retriever):
     for mode in ("bm25", "dense", "hybrid"):
-        hits = retriever.search(["myocardial infarction necrosis of heart muscle coronary"], k=5, mode=mode)[0]
+        hits = retriever.search(["myocardial infarction necrosis of heart muscle coronary"], k=5, mode=mode)[
+            0
+        ]
         ids = [h.doc_id for h in hits]
         texts = [h.text for h in hits]
         assert len(set(ids)) == len(ids) and len(set(texts)) == len(texts), mode
@@ -372,3 +427,14 @@ def test_no_pickle_anywhere(index_dir):
             np.load(p, allow_pickle=False)
         with open(p, "rb") as f:  # no pickle protocol header at the start of any file
             assert not f.read(2).startswith(b"\x80")
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import medrwr.retrieval.corpus as corpus_mod
+    import medrwr.retrieval.hybrid as hybrid_mod
+
+    for mod in (corpus_mod, hybrid_mod):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__

@@ -30,9 +30,14 @@ def _write_jsonl(path: Path, records: list[dict], gz: bool = False) -> Path:
     return path
 
 
-def _write_delimited(path: Path, header: list[str], rows: list[list[str]], delimiter: str, gz: bool = False) -> Path:
-    opener = (lambda: gzip.open(path, "wt", encoding="utf-8", newline="")) if gz else (
-        lambda: open(path, "w", encoding="utf-8", newline=""))
+def _write_delimited(
+    path: Path, header: list[str], rows: list[list[str]], delimiter: str, gz: bool = False
+) -> Path:
+    opener = (
+        (lambda: gzip.open(path, "wt", encoding="utf-8", newline=""))
+        if gz
+        else (lambda: open(path, "w", encoding="utf-8", newline=""))
+    )
     with opener() as f:
         w = csv.writer(f, delimiter=delimiter)
         w.writerow(header)
@@ -41,10 +46,20 @@ def _write_delimited(path: Path, header: list[str], rows: list[list[str]], delim
 
 
 MEDRAG = [
-    {"id": "pubmed23n0001_0", "title": "Asthma", "content": "Asthma is a chronic airway disease.",
-     "contents": "Asthma. Asthma is a chronic airway disease.", "PMID": 17},
-    {"id": "pubmed23n0001_1", "title": "Gout", "content": "Gout is caused by urate crystals.",
-     "contents": "Gout. Gout is caused by urate crystals.", "PMID": 18},
+    {
+        "id": "pubmed23n0001_0",
+        "title": "Asthma",
+        "content": "Asthma is a chronic airway disease.",
+        "contents": "Asthma. Asthma is a chronic airway disease.",
+        "PMID": 17,
+    },
+    {
+        "id": "pubmed23n0001_1",
+        "title": "Gout",
+        "content": "Gout is caused by urate crystals.",
+        "contents": "Gout. Gout is caused by urate crystals.",
+        "PMID": 18,
+    },
 ]
 
 
@@ -60,8 +75,12 @@ def test_medrag_jsonl_preset_and_auto(tmp_path):
 
 def test_medrwr_tsv_preset(tmp_path):
     p = _write_delimited(
-        tmp_path / "knowledge_base.tsv", ["id", "text"],
-        [["kb-1", "Pneumothorax shows absent lung markings."], ["kb-2", "Cardiomegaly: heart width > half chest."]],
+        tmp_path / "knowledge_base.tsv",
+        ["id", "text"],
+        [
+            ["kb-1", "Pneumothorax shows absent lung markings."],
+            ["kb-2", "Cardiomegaly: heart width > half chest."],
+        ],
         "\t",
     )
     assert detect_preset(["id", "text"]) == "medrwr"
@@ -85,8 +104,10 @@ def test_flashrag_preset_splits_title(tmp_path):
 def test_plain_csv_with_quotes_and_huge_field(tmp_path):
     huge = "word " * 60_000  # 300 kB: above csv's default 128 kB field limit
     p = _write_delimited(
-        tmp_path / "plain.csv", ["id", "title", "text", "year"],
-        [["d1", "Sepsis, severe", 'Fever, "rigors", hypotension', "2020"], ["d2", "Long", huge, "2021"]], ",",
+        tmp_path / "plain.csv",
+        ["id", "title", "text", "year"],
+        [["d1", "Sepsis, severe", 'Fever, "rigors", hypotension', "2020"], ["d2", "Long", huge, "2021"]],
+        ",",
     )
     docs = list(read_corpus(p, preset="plain"))
     assert docs[0].title == "Sepsis, severe" and docs[0].text == 'Fever, "rigors", hypotension'
@@ -99,7 +120,9 @@ def test_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     n = 10_000
-    table = pa.table({"id": [f"p{i}" for i in range(n)], "title": ["t"] * n, "text": [f"text {i}" for i in range(n)]})
+    table = pa.table(
+        {"id": [f"p{i}" for i in range(n)], "title": ["t"] * n, "text": [f"text {i}" for i in range(n)]}
+    )
     path = tmp_path / "c.parquet"
     pq.write_table(table, path, row_group_size=1000)
     it = read_corpus(path)
@@ -112,13 +135,17 @@ def test_parquet(tmp_path):
 def test_gzip_jsonl_and_tsv(tmp_path):
     p = _write_jsonl(tmp_path / "textbooks.jsonl.gz", MEDRAG, gz=True)
     docs = list(read_corpus(p))
-    assert [d.doc_id for d in docs] == ["pubmed23n0001_0", "pubmed23n0001_1"] and docs[0].source == "textbooks"
+    assert [d.doc_id for d in docs] == ["pubmed23n0001_0", "pubmed23n0001_1"] and docs[
+        0
+    ].source == "textbooks"
     p2 = _write_delimited(tmp_path / "kb.tsv.gz", ["id", "text"], [["x", "Edema."]], "\t", gz=True)
     assert [(d.doc_id, d.text) for d in read_corpus(p2)] == [("x", "Edema.")]
 
 
 def test_missing_id_column_gives_stable_row_ids(tmp_path):
-    p = _write_jsonl(tmp_path / "noid.jsonl", [{"title": "A", "text": "alpha"}, {"title": "B", "text": "beta"}])
+    p = _write_jsonl(
+        tmp_path / "noid.jsonl", [{"title": "A", "text": "alpha"}, {"title": "B", "text": "beta"}]
+    )
     first = [d.doc_id for d in read_corpus(p)]
     assert first == ["0", "1"] and [d.doc_id for d in read_corpus(p)] == first
 
@@ -161,7 +188,9 @@ def test_bad_input_errors(tmp_path):
 
 
 def test_custom_column_mapping(tmp_path):
-    p = _write_jsonl(tmp_path / "c.jsonl", [{"pmid": "9", "heading": "H", "abstract": "A b c", "journal": "J"}])
+    p = _write_jsonl(
+        tmp_path / "c.jsonl", [{"pmid": "9", "heading": "H", "abstract": "A b c", "journal": "J"}]
+    )
     m = ColumnMapping(id=("pmid",), text=("abstract",), title="heading", source="journal", metadata=())
     d = next(read_corpus(p, columns=m))
     assert d == Document("9", "H", "A b c", "J", {})
@@ -173,7 +202,10 @@ def test_chunk_words_with_overlap():
     chunks = list(chunk_documents([doc], size=4, overlap=1))
     assert [c.doc_id for c in chunks] == ["d#0", "d#1", "d#2"]
     assert [c.text.split() for c in chunks] == [
-        ["w0", "w1", "w2", "w3"], ["w3", "w4", "w5", "w6"], ["w6", "w7", "w8", "w9"]]
+        ["w0", "w1", "w2", "w3"],
+        ["w3", "w4", "w5", "w6"],
+        ["w6", "w7", "w8", "w9"],
+    ]
     assert all(c.title == "T" and c.source == "s" and c.metadata["parent_id"] == "d" for c in chunks)
     assert [c.metadata["chunk"] for c in chunks] == [0, 1, 2] and chunks[0].metadata["k"] == 1
     # every word is covered, consecutive chunks share exactly `overlap` words
@@ -196,7 +228,9 @@ def test_chunk_tokens_with_a_real_tokenizer():
     chunks = list(chunk_documents([doc], size=6, overlap=2, unit="tokens", tokenizer=tok))
     assert len(chunks) == -(-(len(ids) - 2) // 4)
     # chunk i holds token window [4i, 4i + 6): consecutive chunks share 2 tokens
-    assert [c.text for c in chunks] == [tok.decode(ids[4 * i: 4 * i + 6]).strip() for i in range(len(chunks))]
+    assert [c.text for c in chunks] == [
+        tok.decode(ids[4 * i : 4 * i + 6]).strip() for i in range(len(chunks))
+    ]
     assert chunks[0].text.startswith("pulmonary embolism")  # uncased tokenizer lower-cases
     with pytest.raises(ValueError, match="needs a tokenizer"):
         list(chunk_documents([doc], size=6, unit="tokens"))

@@ -58,7 +58,12 @@ def test_manifest_records_what_the_issue_asks(tmp_path):
     assert m["format_version"] == FORMAT_VERSION and m["doc_count"] == 5
     assert len(m["corpus"]["sha256"]) == 64 and m["corpus"]["sources"] == {"toy": 5}
     assert m["build_config"]["stemmer"] == "english" and "created_at" in m
-    assert set(m["files"]) >= {"docs.jsonl", "doc_offsets.npy", "bm25/data.csc.index.npy", "bm25/medrwr_bm25.json"}
+    assert set(m["files"]) >= {
+        "docs.jsonl",
+        "doc_offsets.npy",
+        "bm25/data.csc.index.npy",
+        "bm25/medrwr_bm25.json",
+    }
     assert all(len(e["sha256"]) == 64 and e["size"] > 0 for e in m["files"].values())
     # same corpus -> same corpus hash; different corpus -> different
     m2 = load_manifest(_build(tmp_path / "ix2"))
@@ -67,8 +72,13 @@ def test_manifest_records_what_the_issue_asks(tmp_path):
 
 
 def test_extra_manifest_is_merged(tmp_path):
-    out = build_index(_docs(), tmp_path / "ix", dense=False, show_progress=False,
-                      extra_manifest={"attribution": "HPO (hpo.jax.org)"})
+    out = build_index(
+        _docs(),
+        tmp_path / "ix",
+        dense=False,
+        show_progress=False,
+        extra_manifest={"attribution": "HPO (hpo.jax.org)"},
+    )
     assert load_manifest(out)["attribution"] == "HPO (hpo.jax.org)"
     with pytest.raises(ValueError, match="reserved keys"):
         build_index(_docs(), tmp_path / "iy", dense=False, show_progress=False, extra_manifest={"files": {}})
@@ -151,10 +161,9 @@ def test_failed_build_leaves_previous_index_intact(tmp_path):
     assert _top(out) == "d4"
     assert [p.name for p in tmp_path.iterdir()] == ["ix"]  # temp dir cleaned up
 
-    with pytest.raises(KeyError):
-        with atomic_index_dir(out) as tmp:
-            (tmp / "docs.jsonl").write_text("partial")
-            raise KeyError("boom")
+    with pytest.raises(KeyError), atomic_index_dir(out) as tmp:
+        (tmp / "docs.jsonl").write_text("partial")
+        raise KeyError("boom")
     assert _top(out) == "d4"
 
 

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from medrwr.cli import main  # noqa: E402
-from medrwr.config import load_config  # noqa: E402
-from medrwr.rollout.trace import RolloutTrace  # noqa: E402
+from medrwr.cli import main
+from medrwr.config import load_config
+from medrwr.rollout.trace import RolloutTrace
 
 DOCS = [
     ("d1", "Pneumonia", "Lobar pneumonia shows consolidation with air bronchograms on chest radiographs."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -57,7 +58,7 @@ def assert_token_exact(tok, tr: RolloutTrace, model_text: str) -> None:
 
 def test_multi_round_transcript_is_token_exact(qwen_tokenizer):
     tok = qwen_tokenizer
-    eng, backend, retriever = engine_for(tok, {"0": TWO_ROUNDS}, letter_probs={"0": {"A": 0.2, "B": 0.7, "C": 0.1}})
+    eng, backend, _ = engine_for(tok, {"0": TWO_ROUNDS}, letter_probs={"0": {"A": 0.2, "B": 0.7, "C": 0.1}})
     (tr,) = eng.run(ask())
     assert_token_exact(tok, tr, "".join(TWO_ROUNDS))
     assert tr.stop_reason == "answer" and tr.error is None
@@ -72,7 +73,7 @@ def test_multi_round_transcript_is_token_exact(qwen_tokenizer):
     # Each turn's ids extended the previous turn's ids exactly (what the backend was fed).
     fed = [c[0]["ids"] for c in backend.calls]
     assert len(fed) == 3
-    for a, b in zip(fed, fed[1:]):
+    for a, b in itertools.pairwise(fed):
         assert b[: len(a)] == a and len(b) > len(a)
     assert fed[-1] == tr.prompt_ids + tr.completion_ids[: len(fed[-1]) - len(tr.prompt_ids)]
     kinds = [s.kind for s in tr.spans if s.kind != "text"]
@@ -95,8 +96,7 @@ def test_confidence_reads_first_non_whitespace_token(qwen_tokenizer, answer):
     script = ["<think>Direct.</think>\n", answer]
     eng, _, _ = engine_for(tok, {"0": script}, letter_probs={"0": {"A": 0.25, "B": 0.5, "C": 0.25}})
     (tr,) = eng.run(ask())
-    pos = [i for i, s in enumerate(tr.spans) if s.kind == "answer"][0]
-    span = tr.spans[pos]
+    span = next(s for s in tr.spans if s.kind == "answer")
     assert tr.stop_reason == "answer"
     first_tokens = [tok.decode([t]) for t in tr.completion_ids[span.start : span.end]]
     # The token read is the first one holding a non-whitespace character after "<answer>".
@@ -141,7 +141,6 @@ def test_several_queries_in_one_turn(qwen_tokenizer):
                 c.stop_string = "</query>" if c.stop_string and c.stop_string.endswith("</query>") else c.stop_string
             return conts
 
-    backend = Overshoot(tok, {"0": script})
     retriever = FakeRetriever(DOCS)
     for qpt, expect in ((0, ["pneumonia", "pneumothorax"]), (1, ["pneumonia"])):
         backend = Overshoot(tok, {"0": script})
@@ -156,8 +155,8 @@ def test_several_queries_in_one_turn(qwen_tokenizer):
 def test_max_rounds_notice_then_stop(qwen_tokenizer):
     tok = qwen_tokenizer
     q = "<think>More.</think>\n<query>pneumonia</query>"
-    eng, backend, retriever = engine_for(tok, {"0": [q, q, q, "<think>x</think><answer>A</answer>"]},
-                                         config=RolloutConfig(max_rounds=1))
+    eng, _, retriever = engine_for(tok, {"0": [q, q, q, "<think>x</think><answer>A</answer>"]},
+                                   config=RolloutConfig(max_rounds=1))
     (tr,) = eng.run(ask())
     assert len(retriever.calls) == 1 and tr.rounds == 1 and len(tr.retrievals) == 1
     assert tr.stop_reason == "max_rounds" and "budget" in tr.error
@@ -333,6 +332,10 @@ def test_rollout_batch_is_what_trl_needs(qwen_tokenizer):
         assert out["env_mask"][i] == tr.completion_mask
     assert 0 in out["env_mask"][0] and 0 not in out["env_mask"][1]
     assert option_letters_in(prompts[1][-1]["content"]) == "ABC"
+    # The TRL-shaped function: same keys, one completion per prompt entry.
+    eng2, _, _ = engine_for(tok, {"0": TWO_ROUNDS, "1": ["<think>x</think>\n<answer>A</answer>"]})
+    out2 = eng2.rollout_func()(prompts, trainer=None)
+    assert out2["completion_ids"] == out["completion_ids"] and out2["env_mask"] == out["env_mask"]
 
 
 def test_render_trace(qwen_tokenizer):

@@ -15,11 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from medrwr.config import CDIRConfig, RolloutConfig  # noqa: E402
-from medrwr.retrieval.base import FakeImageRetriever, FakeRetriever, ImageHit  # noqa: E402
-from medrwr.rollout.backends.hf import HFBackend  # noqa: E402
-from medrwr.rollout.engine import RolloutEngine, RolloutRequest  # noqa: E402
-from medrwr.testing import FREE, ForcedTranscript  # noqa: E402
+from medrwr.config import CDIRConfig, RolloutConfig
+from medrwr.retrieval.base import FakeImageRetriever, FakeRetriever, ImageHit
+from medrwr.rollout.backends.hf import HFBackend
+from medrwr.rollout.engine import RolloutEngine, RolloutRequest
+from medrwr.testing import FREE, ForcedTranscript
 
 DOCS = {
     "d1": "Lobar pneumonia shows consolidation with air bronchograms.",
@@ -150,7 +150,7 @@ def test_forced_multi_round_on_tiny_vlm(vlm):
         assert inserted == "".join(s.text for s in tr.spans if not s.by_model)
         assert inserted.count("<retrieve>") == 2 and "(1) Lobar pneumonia" in inserted
         # The stop string ended inside a token (">\n"): that token is kept whole, no newline is added.
-        q1 = [s for s in tr.spans if s.kind == "query"][0]
+        q1 = next(s for s in tr.spans if s.kind == "query")
         assert tok.decode([tr.completion_ids[q1.end - 1]]) == ">\n"
         assert "</query>\n<retrieve>" in tr.completion_text and "</query>\n\n<retrieve>" not in tr.completion_text
         # The second query ends on a bare ">": the environment puts a "\n" (mask 0) before its block.
@@ -164,7 +164,7 @@ def test_forced_multi_round_on_tiny_vlm(vlm):
     want = [lp for lp, m in zip(ref, tr.completion_mask) if m]
     assert np.allclose(got, want, atol=2e-3), max(abs(a - b) for a, b in zip(got, want))
     # Confidence: the chosen letter's probability at the answer position, options renormalised.
-    ans = [s for s in tr.spans if s.kind == "answer"][0]
+    ans = next(s for s in tr.spans if s.kind == "answer")
     pos = next(i for i in range(ans.start, ans.end) if tok.decode([tr.completion_ids[i]]).strip(">") in set(LETTERS))
     assert tr.confidence == pytest.approx(math.exp(ref[pos]), rel=1e-2)
     letter_p = {L: float(lsm[pos][tok.convert_tokens_to_ids(L)].exp()) for L in LETTERS}

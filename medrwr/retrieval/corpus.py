@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def detect_preset(columns: Iterable[str]) -> str:
         return "plain" if "title" in cols else "medrwr"
     raise CorpusError(
         f"cannot detect the corpus layout from its columns {sorted(cols)}: expected 'content' (MedRAG), "
-        "'contents' (FlashRAG) or 'text' (Med-RwR / plain). Pass preset=... or columns=ColumnMapping(text=(...,))"
+        "'contents' (FlashRAG) or 'text' (Med-RwR / plain). "
+        "Pass preset=... or columns=ColumnMapping(text=(...,))"
     )
 
 
@@ -96,13 +98,19 @@ def _format_of(path: Path) -> tuple[str, bool]:
     gz = name.endswith(".gz")
     if gz:
         name = name[:-3]
-    for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"), (".tsv", "tsv"),
-                     (".tab", "tsv"), (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
+    for ext, fmt in (
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "jsonl"),
+        (".tsv", "tsv"),
+        (".tab", "tsv"),
+        (".csv", "csv"),
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+    ):
         if name.endswith(ext):
             return fmt, gz
-    raise CorpusError(
-        f"{path}: unknown corpus format; use .jsonl, .tsv, .csv or .parquet (optionally .gz)"
-    )
+    raise CorpusError(f"{path}: unknown corpus format; use .jsonl, .tsv, .csv or .parquet (optionally .gz)")
 
 
 def _default_source(path: Path) -> str:
@@ -126,12 +134,18 @@ def _iter_jsonl(path: Path, gz: bool) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                hint = " (a JSON array file must be converted to JSON Lines: one object per line)" if (
-                    lineno == 1 and line.lstrip().startswith("[")) else ""
+                hint = (
+                    " (a JSON array file must be converted to JSON Lines: one object per line)"
+                    if (lineno == 1 and line.lstrip().startswith("["))
+                    else ""
+                )
                 raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg}){hint}") from None
             if not isinstance(rec, dict):
-                hint = " (a JSON array file must be converted to JSON Lines: one object per line)" if (
-                    isinstance(rec, list)) else ""
+                hint = (
+                    " (a JSON array file must be converted to JSON Lines: one object per line)"
+                    if (isinstance(rec, list))
+                    else ""
+                )
                 raise CorpusError(
                     f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}{hint}"
                 )
@@ -280,7 +294,11 @@ def read_corpus(
 
 
 def _documents(
-    p: Path, records: Iterator[tuple[int, dict[str, Any]]], preset: str, columns: ColumnMapping | None, source: str
+    p: Path,
+    records: Iterator[tuple[int, dict[str, Any]]],
+    preset: str,
+    columns: ColumnMapping | None,
+    source: str,
 ) -> Iterator[Document]:
     mapping = columns if columns is not None else (PRESETS[preset] if preset != "auto" else None)
     for row, (line, rec) in enumerate(records):
@@ -350,10 +368,10 @@ def chunk_documents(
 
 
 __all__ = [
+    "PRESETS",
     "ColumnMapping",
     "CorpusError",
     "Document",
-    "PRESETS",
     "chunk_documents",
     "detect_preset",
     "iter_records",

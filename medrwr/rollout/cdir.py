@@ -18,7 +18,8 @@ together with the dropped tokens, so nothing is lost. CDIR needs a backend that 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from medrwr import protocol
 from medrwr.retrieval.base import ImageHit
@@ -37,7 +38,7 @@ CDIR_THINK = (
 CDIR_QUERY = "<query>\nconsultation from a case with similar medical imaging findings\n</query>\n"
 
 
-def _answer_snapshot(row: "_Row", engine: "RolloutEngine", dropped_from: int | None = None) -> dict[str, Any]:
+def _answer_snapshot(row: _Row, engine: RolloutEngine, dropped_from: int | None = None) -> dict[str, Any]:
     tr = row.trace
     snap: dict[str, Any] = {
         "answer": tr.answer,
@@ -64,7 +65,7 @@ def _load_case_image(hit: ImageHit, max_pixels: int) -> Any:
     return load_image(hit.image_path, max_pixels)
 
 
-def _truncate(row: "_Row", cut: int) -> int:
+def _truncate(row: _Row, cut: int) -> int:
     """Drop completion tokens from ``cut`` on; returns how many model tokens were dropped."""
     tr = row.trace
     dropped_model = sum(tr.completion_mask[cut:])
@@ -76,7 +77,7 @@ def _truncate(row: "_Row", cut: int) -> int:
     return dropped_model
 
 
-def _consultation_ids(engine: "RolloutEngine", cases: Sequence[tuple[ImageHit, Any]]) -> tuple[list[int], Any, str]:
+def _consultation_ids(engine: RolloutEngine, cases: Sequence[tuple[ImageHit, Any]]) -> tuple[list[int], Any, str]:
     """Token ids, image inputs and display text of the retrieve block holding the case images and reports."""
     ids = engine._encode("<retrieve>\n")
     mm = None
@@ -96,10 +97,10 @@ def _consultation_ids(engine: "RolloutEngine", cases: Sequence[tuple[ImageHit, A
     return ids, mm, text
 
 
-def run_cdir(engine: "RolloutEngine", rows: Sequence["_Row"]) -> None:
+def run_cdir(engine: RolloutEngine, rows: Sequence[_Row]) -> None:
     """Re-answer the low-confidence rows with a similar case; record the outcome on every row's trace."""
     cfg = engine.cdir
-    low: list["_Row"] = []
+    low: list[_Row] = []
     for row in rows:
         tr = row.trace
         info: dict[str, Any] = {"triggered": False, "threshold": cfg.threshold, "confidence": tr.confidence}
@@ -128,7 +129,7 @@ def run_cdir(engine: "RolloutEngine", rows: Sequence["_Row"]) -> None:
             r.trace.cdir["error"] = f"{type(exc).__name__}: {exc}"
         return
     engine.stats.retrieval_s += engine.clock() - t0
-    triggered: list["_Row"] = []
+    triggered: list[_Row] = []
     for row, hits in zip(low, results):
         tr = row.trace
         hits = list(hits)[: cfg.k]

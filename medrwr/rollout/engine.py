@@ -41,9 +41,10 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from medrwr import protocol
 from medrwr.config import CDIRConfig, RolloutConfig
@@ -362,6 +363,19 @@ class RolloutEngine:
             "traces": traces,
         }
 
+    def rollout_func(self) -> Callable[..., dict[str, Any]]:
+        """A function with TRL 1.16's ``rollout_func(prompts, trainer)`` signature running this engine.
+
+        TRL passes the per-process prompts already repeated ``num_generations`` times; one completion each.
+        """
+
+        def rollout(prompts: Sequence[Any], trainer: Any = None) -> dict[str, Any]:
+            return self.rollout_batch([p if isinstance(p, list) else [{"role": "user", "content": str(p)}]
+                                       for p in prompts])
+
+        rollout.__name__ = "medrwr_rollout"
+        return rollout
+
     # ------------------------------------------------------------------ the loop
 
     def _input_ids(self, row: _Row) -> list[int]:
@@ -435,9 +449,7 @@ class RolloutEngine:
         start = len(tr.completion_ids)
         tr.completion_ids.extend(int(t) for t in ids)
         tr.completion_mask.extend([mask] * len(ids))
-        tr.logprobs.extend(float(x) for x in logprobs) if logprobs is not None else tr.logprobs.extend(
-            [0.0] * len(ids)
-        )
+        tr.logprobs.extend([float(x) for x in logprobs] if logprobs is not None else [0.0] * len(ids))
         return start, len(tr.completion_ids)
 
     def insert_text(self, row: _Row, kind: str, text: str, ids: Sequence[int] | None = None) -> TokenSpan:

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from medrwr.retrieval.base import Hit, ImageHit
+from medrwr.retrieval.base import Hit
 
 SpanKind = Literal["think", "query", "retrieve", "answer", "text", "cdir"]
 StopReason = Literal["answer", "eos", "max_rounds", "max_tokens", "no_progress", "error"]
@@ -34,7 +34,7 @@ class TokenSpan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenSpan":
+    def from_dict(cls, d: dict[str, Any]) -> TokenSpan:
         return cls(
             kind=d["kind"], start=int(d["start"]), end=int(d["end"]), by_model=bool(d["by_model"]),
             text=str(d.get("text", "")),
@@ -67,7 +67,7 @@ class RetrievalRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RetrievalRecord":
+    def from_dict(cls, d: dict[str, Any]) -> RetrievalRecord:
         return cls(
             round=int(d["round"]),
             queries=list(d["queries"]),
@@ -168,7 +168,7 @@ class RolloutTrace:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RolloutTrace":
+    def from_dict(cls, d: dict[str, Any]) -> RolloutTrace:
         """Inverse of :meth:`to_dict`; unknown keys (from a newer version) are kept in ``metadata``."""
         d = dict(d)
         d["spans"] = [TokenSpan.from_dict(s) for s in d.get("spans", [])]
@@ -180,7 +180,7 @@ class RolloutTrace:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "RolloutTrace":
+    def from_json(cls, text: str) -> RolloutTrace:
         return cls.from_dict(json.loads(text))
 
 

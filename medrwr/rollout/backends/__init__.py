@@ -33,10 +33,11 @@ __all__ = [
 ]
 
 
-def policy_supports_images(name_or_path: str | None) -> bool:
+def policy_supports_images(name_or_path: str | None) -> bool | None:
     """Whether a checkpoint is a vision-language model, from its config alone (no weights loaded).
 
-    None (the packaged SmolLM2) and ``.gguf`` files are text-only.
+    None (the packaged SmolLM2) and ``.gguf`` files are text-only. Returns None when the config cannot be
+    read (e.g. a hub id on an offline machine): loading the model will then say what is wrong.
     """
     if name_or_path is None or str(name_or_path).endswith(".gguf"):
         return False
@@ -45,11 +46,11 @@ def policy_supports_images(name_or_path: str | None) -> bool:
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
     except (OSError, ValueError):
-        return False
+        return None
     return hasattr(config, "vision_config")
 
 
-def build_backend(model: "ModelConfig", rollout: "RolloutConfig") -> PolicyBackend:
+def build_backend(model: ModelConfig, rollout: RolloutConfig) -> PolicyBackend:
     """The policy named by ``model`` (hub id, local path, ``.gguf``; None = packaged SmolLM2) on its backend."""
     if model.backend == "vllm":
         from medrwr.rollout.backends.vllm import VLLMBackend

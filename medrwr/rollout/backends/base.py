@@ -23,8 +23,9 @@ training setting) that is also the sampling distribution.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "eos", "length"]
 
@@ -48,7 +49,7 @@ class MultimodalInputs:
     def __len__(self) -> int:
         return len(self.images)
 
-    def extended(self, other: "MultimodalInputs") -> "MultimodalInputs":
+    def extended(self, other: MultimodalInputs) -> MultimodalInputs:
         """A new object holding this one's images followed by ``other``'s."""
         data = {k: list(v) for k, v in self.data.items()}
         for k, v in other.data.items():

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from medrwr.rollout.backends.base import (
     BackendError,
@@ -66,7 +67,7 @@ class VLLMBackend:
 
     @classmethod
     def load(cls, name_or_path: str | None, *, dtype: str = "auto", temperature: float = 1.0, top_p: float = 1.0,
-             seed: int | None = None, max_images: int = 4, **llm_kwargs: Any) -> "VLLMBackend":
+             seed: int | None = None, max_images: int = 4, **llm_kwargs: Any) -> VLLMBackend:
         """``vllm.LLM(model, dtype, enable_prefix_caching=True, limit_mm_per_prompt={"image": max_images})``."""
         from medrwr._imports import require
 
@@ -94,7 +95,7 @@ class VLLMBackend:
     def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
         from medrwr.rollout.backends.hf import render_chat
 
-        ids, pixel_inputs = render_chat(self.processor, messages, self.supports_images)
+        ids, _ = render_chat(self.processor, messages, self.supports_images)
         mm = MultimodalInputs(images=list(images), data={"image": list(images)}) if images else None
         return PromptInputs(prompt_ids=ids, mm=mm)
 
@@ -109,17 +110,17 @@ class VLLMBackend:
     def _params(self, stop: Sequence[str], budget: int):
         import vllm
 
-        kwargs: dict[str, Any] = dict(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=-1,
-            max_tokens=budget,
-            stop=list(stop),
-            include_stop_str_in_output=True,
-            stop_token_ids=sorted(self._eos),
-            logprobs=self.logprobs,
-            skip_special_tokens=False,
-        )
+        kwargs: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": -1,
+            "max_tokens": budget,
+            "stop": list(stop),
+            "include_stop_str_in_output": True,
+            "stop_token_ids": sorted(self._eos),
+            "logprobs": self.logprobs,
+            "skip_special_tokens": False,
+        }
         if self.seed is not None:
             kwargs["seed"] = self.seed + self._calls
         return vllm.SamplingParams(**kwargs)
