@@ -283,22 +283,14 @@ def _run_driver(url: str, qfile: Path, concurrency: int, total: int, malformed: 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _levels(server: str, url: str, qfile: Path, plan: list[tuple[int, int]], mixed: tuple[int, int],
-            timeout: float, budget: float) -> list[dict]:
-    rows = []
-    for c, total in plan:
-        res = _run_driver(url, qfile, c, total, 0.0, timeout, budget)
-        res.update(server=server, workload="clean")
-        rows.append(res)
-        print(f"  {server:8s} C={c:3d}: {res['qps']:7.1f} q/s  p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:8.1f} ms"
-              f"  errors {res['n_errors']}", flush=True)
-    c, total = mixed
-    res = _run_driver(url, qfile, c, total, 0.2, timeout, budget)
-    res.update(server=server, workload="20% malformed")
-    rows.append(res)
-    print(f"  {server:8s} C={c:3d} +20% malformed: {res['qps']:7.1f} good q/s, 4xx {res['rejected_4xx']}, "
-          f"errors {res['errors']}", flush=True)
-    return rows
+def _level(server: str, url: str, qfile: Path, c: int, total: int, malformed: float, timeout: float,
+           budget: float) -> dict:
+    res = _run_driver(url, qfile, c, total, malformed, timeout, budget)
+    res.update(server=server, workload="clean" if not malformed else f"{malformed:.0%} malformed")
+    extra = f", 4xx {res['rejected_4xx']}, errors {res['errors']}" if malformed else f", errors {res['n_errors']}"
+    print(f"  {server:8s} C={c:3d} {res['workload']:14s}: {res['qps']:7.1f} good q/s  p50 {res['p50_ms']:8.1f} ms"
+          f"  p99 {res['p99_ms']:8.1f} ms{extra}", flush=True)
+    return res
 
 
 def main() -> None:
@@ -353,39 +345,42 @@ def main() -> None:
 
     print("", flush=True)
     ceilings = [ceiling_run("before the servers")]
-    rows: list[dict] = []
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    print(f"\nours: medrwr serve retrieval on {url}", flush=True)
+    # Both servers run side by side (an idle server costs nothing) and each load level drives one
+    # right after the other, alternating which goes first: the box is shared, so its load drifts,
+    # and paired measurements keep the ratios honest. The in-process ceiling is measured before,
+    # in the middle and after; its mean is the reference.
     env = dict(os.environ)
+    urls = {name: f"http://127.0.0.1:{_free_port()}" for name in ("ours", "baseline")}
     ours = subprocess.Popen(
-        [sys.executable, "-m", "medrwr.cli", "serve", "retrieval", "--index", str(index), "--port", str(port),
-         "--set", f"retrieval.mode={args.mode}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "medrwr.cli", "serve", "retrieval", "--index", str(index),
+         "--port", urls["ours"].rsplit(":", 1)[1], "--set", f"retrieval.mode={args.mode}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    try:
-        _wait_ready(url, ours)
-        rows += _levels("ours", url, qfile, plan, mixed, args.timeout, budget)
-    finally:
-        _stop(ours)
-    ceilings.append(ceiling_run("after our server"))
-    ceiling = {k: float(np.mean([c[k] for c in ceilings])) for k in ceilings[0]}
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    print(f"\nbaseline (reference design: single-threaded, per-query) on {url}", flush=True)
     base = subprocess.Popen(
-        [sys.executable, __file__, "--_baseline", str(index), "--port", str(port), "--mode", args.mode],
+        [sys.executable, __file__, "--_baseline", str(index), "--port", urls["baseline"].rsplit(":", 1)[1],
+         "--mode", args.mode],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
+    rows: list[dict] = []
     try:
         assert base.stdout is not None
-        line = base.stdout.readline()
-        if "READY" not in line:
+        if "READY" not in base.stdout.readline():
             raise RuntimeError("baseline server did not start")
-        rows += _levels("baseline", url, qfile, plan, mixed, args.timeout, budget)
+        _wait_ready(urls["ours"], ours)
+        print(f"ours: medrwr serve retrieval at {urls['ours']}; baseline (reference design) at {urls['baseline']}",
+              flush=True)
+        levels = [(c, total, 0.0) for c, total in plan] + [(mixed[0], mixed[1], 0.2)]
+        for i, (c, total, bad) in enumerate(levels):
+            order = ("ours", "baseline") if i % 2 == 0 else ("baseline", "ours")
+            for name in order:
+                rows.append(_level(name, urls[name], qfile, c, total, bad, args.timeout, budget))
+            if i == len(levels) // 2 - 1:
+                ceilings.append(ceiling_run("between load levels"))
     finally:
+        _stop(ours)
         _stop(base)
+    ceilings.append(ceiling_run("after the servers"))
+    ceiling = {k: float(np.mean([c[k] for c in ceilings])) for k in ceilings[0]}
 
     table = _table(rows, ceiling)
     print("\n" + table)
@@ -438,7 +433,8 @@ def _table(rows: list[dict], ceiling: dict[str, float]) -> str:
             if b else f"| {r['concurrency']} | {r['workload']} | {r['qps']:.1f} | | | | | | | |"
         )
     lines.append("")
-    lines.append("in-process (no HTTP, mean of a run before and after our server): " + ", ".join(f"{k.replace('_', ' ')}: {v:.1f} q/s" for k, v in ceiling.items()))
+    speeds = ", ".join(f"{k.replace('_', ' ')}: {v:.1f} q/s" for k, v in ceiling.items())
+    lines.append(f"in-process (no HTTP; mean of runs before, between and after the load levels): {speeds}")
     return "\n".join(lines)
 
 

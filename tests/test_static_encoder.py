@@ -83,3 +83,12 @@ def test_load_text_encoder_resolves_static_spec(enc):
     e = load_text_encoder("static-minilm", cache=False)
     assert e.name == "static-minilm"
     np.testing.assert_allclose(e.encode(["cardiomegaly"]), enc.encode(["cardiomegaly"]), atol=1e-6)
+
+
+def test_sparse_and_fallback_sums_agree(enc, monkeypatch):
+    import sys
+
+    texts = ["pleural effusion on chest film", "", "cardiomegaly cardiomegaly heart", "x " * 600]
+    fast = enc.encode(texts)
+    monkeypatch.setitem(sys.modules, "scipy.sparse", None)  # import fails -> numpy reduceat path
+    np.testing.assert_allclose(enc.encode(texts), fast, atol=1e-5)

@@ -2,21 +2,17 @@
 
 Sources (one passage per concept; ``Document.doc_id`` is the concept id, ``source`` names the source):
 
-==========  =======================================================  =============  ====================
-source      content                                                  id             passages (approx.)
-==========  =======================================================  =============  ====================
-HPO         phenotype terms: name, definition, synonyms, parents     ``HP:0001640``  19,000
-ICD-10-CM   categories and 4-character codes with the titles and     ``ICD10CM:I51.7`` 12,000
-            inclusion terms of their sub-codes, includes and notes
-MeSH        disease concepts with their name variants and parents    ``MESH:D006332`` 6,000
-drug-NER    drugs with name variants, brand names and MeSH parents   ``DRUG:DB01048`` 20,000
-==========  =======================================================  =============  ====================
+- ``HPO`` (~19k): phenotype terms with definition, synonyms and parent terms; ids like ``HP:0001640``.
+- ``ICD-10-CM`` (~12k): categories and 4-character codes with includes, inclusion terms, notes and the
+  titles / inclusion terms of their sub-codes; ids like ``ICD10CM:I51.7``.
+- ``MeSH`` (~6k): disease concepts with their name variants and MeSH parents; ids like ``MESH:D006332``.
+- ``drug-NER`` (~20k): drugs with name variants and brand names; ids like ``DRUG:DB01048``.
 
 ICD-10-CM granularity: one passage per 3-character category and one per 4-character code. Billable
 leaf codes mostly split a 4-character concept by laterality, episode of care or 7th-character
 extension ("right femur, initial encounter"), which makes ~75k near-duplicate passages that crowd the
-top-k; aggregating their titles and inclusion terms into the 4-character passage keeps every term
-searchable in ~12k passages.
+top-k; aggregating their titles and inclusion terms into the 4-character passage (up to 40 terms /
+160 words per passage, after de-duplication) keeps them searchable in ~12k passages.
 
 The index is built with the static MiniLM encoder (:mod:`medrwr.retrieval.static`), so a fresh
 machine has it in about a minute on 2 cores; later starts only load it. Concurrent first use is
@@ -30,12 +26,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from medrwr._imports import MissingExtraError
 from medrwr.retrieval.corpus import Document
 from medrwr.retrieval.static import cache_root
 
@@ -74,8 +72,8 @@ _MAX_SYNONYMS = 25
 _MAX_CHILD_TERMS = 40
 
 
-class KnowledgeBaseError(RuntimeError):
-    """A knowledge source is missing or unreadable; the message names the package to install."""
+class KnowledgeBaseError(MissingExtraError):
+    """A knowledge source package is missing; the message names the package to install."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -322,32 +320,30 @@ def drugs() -> list[dict[str, Any]]:
 
 
 def _drug_id(d: dict[str, Any]) -> str:
+    # not the package's mesh_id: it is often a pharmacological-class id shared by many drugs
     if d.get("drugbank_id"):
         return f"DRUG:{d['drugbank_id']}"
-    if d.get("mesh_id"):
-        return f"DRUG:MESH:{d['mesh_id']}"
     if d.get("medline_plus_id"):
         return f"DRUG:MEDLINEPLUS:{d['medline_plus_id']}"
     return "DRUG:" + re.sub(r"[^a-z0-9]+", "-", d["key"]).strip("-")
 
 
-def drug_document(d: dict[str, Any], tree_names: dict[str, str], drop_synonyms: Iterable[str] = ()) -> Document:
+def drug_document(d: dict[str, Any], drop_synonyms: Iterable[str] = ()) -> Document:
+    """One drug passage. The package's MeSH ids/trees are left out: for many drugs they name a shared
+    pharmacological class rather than the drug, which would attach wrong class names."""
     name = d["name"]
     syns = _dedupe(d["synonyms"], exclude=[name, *drop_synonyms])
     brands = _dedupe(d["brands"], exclude=[name, *syns, *drop_synonyms], limit=15)
-    ids = [f"{k} {d[k]}" for k in ("drugbank_id", "mesh_id") if d.get(k)]
-    text = f"{name} (drug{', ' + ', '.join(ids) if ids else ''})." + _join("Also known as", syns) \
-        + _join("Brand names", brands) + _join("Class", _parents(d, tree_names))
+    ids = f", DrugBank {d['drugbank_id']}" if d.get("drugbank_id") else ""
+    text = f"{name} (drug{ids})." + _join("Also known as", syns) + _join("Brand names", brands)
     if d.get("formula"):
         text += f" Formula {d['formula']}."
     return Document(_drug_id(d), name, text, source="drug-NER")
 
 
 def _drug_documents() -> Iterator[Document]:
-    concepts = drugs()
-    tree = _tree_names(concepts)
-    for c in concepts:
-        yield drug_document(c, tree)
+    for c in drugs():
+        yield drug_document(c)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -360,8 +356,12 @@ def iter_default_kb_documents(sources: Sequence[str] | None = None) -> Iterator[
     """Yield the default KB's passages, source by source; doc ids are unique across sources."""
     chosen = list(SOURCES if sources is None else sources)
     unknown = [s for s in chosen if s not in _SOURCE_FUNCS]
-    if unknown:
+    if unknown:  # raised at the call, not at the first next()
         raise ValueError(f"unknown knowledge source(s) {unknown}; choose from {list(SOURCES)}")
+    return _iter_documents(chosen)
+
+
+def _iter_documents(chosen: list[str]) -> Iterator[Document]:
     seen: set[str] = set()
     for s in chosen:
         for doc in _SOURCE_FUNCS[s]():
@@ -428,15 +428,13 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
     from medrwr.retrieval.hybrid import build_index
 
     chosen = list(SOURCES if sources is None else sources)
-    docs: list[Document] = []
-    for s in chosen:
-        n = 0
-        for doc in iter_default_kb_documents([s]):
-            docs.append(doc)
-            n += 1
-            if limit is not None and n >= limit:
-                break
-        logger.info("default KB: %d passages from %s", n, s)
+    iter_default_kb_documents(chosen)  # raises on unknown source names before the encoder loads
+
+    def docs() -> Iterator[Document]:  # streamed, so build_index's progress bar covers reading the sources
+        for s in chosen:
+            it = iter_default_kb_documents([s])
+            yield from (it if limit is None else itertools.islice(it, limit))
+
     enc_name = encoder if isinstance(encoder, str) else getattr(encoder, "name", DEFAULT_ENCODER)
     if isinstance(encoder, str) and encoder == DEFAULT_ENCODER:
         from medrwr.retrieval.static import load_static_encoder
@@ -446,7 +444,7 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
     extra = kb_manifest(chosen)
     if limit is not None:
         extra["kb_subset"] = _subset_label(limit)
-    return build_index(docs, out_dir, config=cfg, encoder=encoder, extra_manifest=extra, show_progress=progress)
+    return build_index(docs(), out_dir, config=cfg, encoder=encoder, extra_manifest=extra, show_progress=progress)
 
 
 def ensure_default_index(progress: bool = True, rebuild: bool = False, path: str | Path | None = None,

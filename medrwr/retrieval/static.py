@@ -183,7 +183,7 @@ def _reference_texts() -> Iterator[str] | None:
 
         docs = iter_default_kb_documents(sources)
         first = next(docs)
-    except (ImportError, RuntimeError, OSError, StopIteration) as exc:  # no sources: fall back to Zipf
+    except (ImportError, OSError, ValueError, StopIteration) as exc:  # no sources: fall back to Zipf
         logger.info("no medical reference texts for IDF weights (%s); using Zipf-rank SIF weights", exc)
         return None
 
