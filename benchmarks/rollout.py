@@ -64,14 +64,9 @@ QUERIES = ["pneumonia consolidation radiograph", "pleural line pneumothorax", "c
 def _allowed_free_ids(tok) -> list[int]:
     """Ordinary tokens for FREE think holes: no angle brackets (no tags), no special tokens."""
     special = set(tok.all_special_ids)
-    out = []
-    for i in range(len(tok)):
-        if i in special:
-            continue
-        s = tok.decode([i])
-        if s and "<" not in s and ">" not in s and s.isprintable():
-            out.append(i)
-    return out
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    return [i for i, s in enumerate(texts) if i not in special and s and "<" not in s and ">" not in s
+            and s.isprintable()]
 
 
 def _script(tok, rounds: int, think_tokens: int):
@@ -238,8 +233,8 @@ def bench_policy(name: str, backend, batch: int, rounds: int, think_tokens: int,
     script = _script(tok, rounds, think_tokens)
     requests = _requests(batch)
     prompt_engine = RolloutEngine(backend, None, cfg)
-    # Warm-up (first-call costs) on one row, not timed.
-    run_exact(backend, requests[:1], script, cfg)
+    # Warm-up (first-call costs) on one row and a one-turn transcript, not timed.
+    run_exact(backend, requests[:1], script[-1:], cfg)
     traces, stats, wall, forcing_s = run_exact(backend, requests, script, cfg)
     exact = _exact_report(traces, stats, wall, forcing_s)
     out: dict[str, Any] = {"policy": name, "batch": batch, "rounds": rounds, "think_tokens": think_tokens,

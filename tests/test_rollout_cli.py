@@ -70,6 +70,13 @@ def test_ask_with_an_image_needs_a_vlm(tiny_lm_dir, png, capsys):
     assert code == 1 and "text-only" in err and "--model Qwen/Qwen2.5-VL-7B-Instruct" in err
 
 
+def test_unreadable_policy_config_is_unknown_not_text_only():
+    from medrwr.rollout.backends import policy_supports_images
+
+    assert policy_supports_images(None) is False  # the packaged SmolLM2
+    assert policy_supports_images("no-such-org/no-such-model-medrwr") is None  # offline: loading will say why
+
+
 def test_ask_missing_image_file(capsys, tmp_path):
     code = main(["ask", "Q?", "--image", str(tmp_path / "nope.png")])
     assert code == 1 and "does not exist" in " ".join(capsys.readouterr().err.split())

@@ -391,6 +391,7 @@ def test_cdir_triggers_below_threshold(qwen_tokenizer, tmp_path):
     # The regenerated turn was fed both images; the first turns only the question's.
     assert [c[0]["images"] for c in backend.calls] == [1, 1, 1, 2]
     assert len(tr.images) == 2 and tr.images[1].endswith("case.png")
+    assert RolloutTrace.from_json(tr.to_json()) == tr  # both answers survive serialisation
 
 
 def test_cdir_not_triggered_at_or_above_threshold(qwen_tokenizer, tmp_path):

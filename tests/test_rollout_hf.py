@@ -225,6 +225,7 @@ def test_cdir_inserts_a_real_image_on_tiny_vlm(vlm, tmp_path, threshold, expect_
     assert tr.valid and tr.stop_reason == "answer" and len(tr.images) == 2
 
 
+@pytest.mark.slow
 def test_text_only_tiny_lm_through_the_same_engine(text_lm):
     model, tok = text_lm
     forcer = ForcedTranscript(tok, _script(tok))
