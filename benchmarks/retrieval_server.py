@@ -343,7 +343,7 @@ def main() -> None:
               flush=True)
         return res
 
-    print("", flush=True)
+    print(flush=True)
     ceilings = [ceiling_run("before the servers")]
     # Both servers run side by side (an idle server costs nothing) and each load level drives one
     # right after the other, alternating which goes first: the box is shared, so its load drifts,

@@ -130,7 +130,8 @@ class RolloutConfig:
     max_total_new_tokens: int = 4096
     max_inserted_tokens: int = 512
     """Budget of one retrieve block; documents are truncated, never the model's text."""
-    temperature: float = 1.0
+    temperature: float = 0.0
+    """0 = greedy: the default for ``ask``, evaluation and serving. Training sets 1.0 (METHOD.md §3, configs/stage*.yaml)."""
     top_p: float = 1.0
     max_image_pixels: int = 262_144
     retrieval_timeout_s: float = 60.0

@@ -277,7 +277,10 @@ class _Batcher:
 
     def submit(self, items: list[Any], k: int) -> asyncio.Future:
         if self._closing:
-            raise APIError(503, "the server is shutting down; retry on another replica or later", code="shutting_down")
+            raise APIError(
+                503, "the server is shutting down; retry on another replica or later", code="shutting_down",
+                headers={"Retry-After": "1"},
+            )
         if self._queued + len(items) > self.max_queue:
             raise QueueFull()
         fut = asyncio.get_running_loop().create_future()
