@@ -191,7 +191,9 @@ def test_ray_serve_two_shards_equal_unsharded(shard_dirs, unsharded):
 
     from medrwr.retrieval.distributed import deploy
 
-    ray.init(address="local", include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    # Keep every Ray service on loopback: tests send no traffic to any other address.
+    ray.init(address="local", include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     try:
         remote = deploy(shard_dirs[2])
         assert remote.doc_count == unsharded.doc_count

@@ -263,6 +263,7 @@ class _Batcher:
         self._closing = False
         self._task: asyncio.Task | None = None
         self._ema_item_s = 0.01  # running estimate of seconds per item, for Retry-After
+        self._last_batch = 0
 
     @property
     def queued(self) -> int:
@@ -316,7 +317,11 @@ class _Batcher:
                     return
                 await self._wait(None)
                 continue
-            if self._queued < self.max_batch and self.max_wait_s > 0 and not self._closing:
+            # Wait for company only under concurrency: if the last batch was a lone request, a
+            # lone request now is most likely a single sequential client, and waiting only adds latency.
+            if self._queued < self.max_batch and self.max_wait_s > 0 and not self._closing and (
+                self._last_batch > 1 or self._queued > 1
+            ):
                 deadline = loop.time() + self.max_wait_s
                 while self._queued < self.max_batch and not self._closing:
                     remaining = deadline - loop.time()
@@ -329,6 +334,7 @@ class _Batcher:
                 batch.append(job)
                 n += len(job.items)
             self._queued -= n
+            self._last_batch = n
             self._metrics.queue_depth.labels(self.name).set(self._queued)
             try:
                 await self._execute(batch)
