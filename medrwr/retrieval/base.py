@@ -6,6 +6,7 @@ hybrid index, the HTTP client and the Ray-sharded router are interchangeable.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
@@ -59,6 +60,18 @@ class ImageHit:
             score=float(d.get("score", 0.0)),
             metadata=dict(d.get("metadata") or {}),
         )
+
+
+def check_search_args(queries: Sequence[str], k: Any) -> list[str]:
+    """Validate ``search`` arguments shared by every in-process retriever; returns the queries as a list."""
+    if isinstance(queries, str):
+        raise TypeError("search() takes a list of queries; wrap a single query as [query]")
+    queries = list(queries)
+    if not all(isinstance(q, str) for q in queries):
+        raise TypeError("every query must be a string")
+    if not isinstance(k, numbers.Integral) or k < 1:  # numpy integers are Integral too
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return queries
 
 
 @runtime_checkable

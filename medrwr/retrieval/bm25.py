@@ -27,6 +27,13 @@ from medrwr._imports import require
 
 logger = logging.getLogger(__name__)
 
+
+def _bm25s() -> Any:
+    """Import bm25s, undoing its import-time ``setLevel(DEBUG)`` so its logs follow the application's level."""
+    module = require("bm25s", "retrieval", "BM25 retrieval")
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return module
+
 PARAMS_FILE = "medrwr_bm25.json"
 _TOKEN_BATCH = 10_000
 
@@ -72,7 +79,7 @@ class BM25Index:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
         """The exact tokens BM25 sees (lower-cased words, stopwords removed, stemmed)."""
-        bm25s = require("bm25s", "retrieval", "BM25 retrieval")
+        bm25s = _bm25s()
         return bm25s.tokenize(
             list(texts),
             stopwords=self.stopwords if self.stopwords else [],
@@ -85,7 +92,7 @@ class BM25Index:
 
     def index(self, texts: Iterable[str], show_progress: bool = False) -> BM25Index:
         """Tokenise ``texts`` in batches (streaming) and build the score matrix."""
-        bm25s = require("bm25s", "retrieval", "BM25 retrieval")
+        bm25s = _bm25s()
         vocab: dict[str, int] = {}
         ids: list[array] = []  # int32 arrays: ~4 bytes per token instead of ~36 for lists of ints
         batch: list[str] = []
@@ -224,7 +231,7 @@ class BM25Index:
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True, n_threads: int = 0) -> BM25Index:
         """Load an index written by :meth:`save`; arrays are memory-mapped unless ``mmap=False``."""
-        bm25s = require("bm25s", "retrieval", "BM25 retrieval")
+        bm25s = _bm25s()
         d = Path(directory)
         pfile = d / PARAMS_FILE
         if not pfile.is_file():

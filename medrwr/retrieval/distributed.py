@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from medrwr.config import RetrievalConfig
-from medrwr.retrieval.base import SEARCH_MODES, Hit
+from medrwr.retrieval.base import SEARCH_MODES, Hit, check_search_args
 
 logger = logging.getLogger(__name__)
 
@@ -352,13 +352,7 @@ class ShardedRetriever:
             self.search(["warmup"], k=1, mode=mode)
 
     def search(self, queries: Sequence[str], k: int = 3, mode: str | None = None) -> list[list[Hit]]:
-        if isinstance(queries, str):
-            raise TypeError("search() takes a list of queries; wrap a single query as [query]")
-        queries = list(queries)
-        if not all(isinstance(q, str) for q in queries):
-            raise TypeError("every query must be a string")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        queries = check_search_args(queries, k)
         mode = mode or self.config.mode
         if mode not in self.modes:
             raise ValueError(f"mode {mode!r} is not available on these shards (available: {', '.join(self.modes)})")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from medrwr.config import RetrievalConfig
-from medrwr.retrieval.base import SEARCH_MODES, Hit
+from medrwr.retrieval.base import SEARCH_MODES, Hit, check_search_args
 from medrwr.retrieval.corpus import Document, chunk_documents
 from medrwr.retrieval.store import (
     DocStore,
@@ -250,13 +250,7 @@ class HybridRetriever:
         ``mode``: ``bm25``, ``dense`` or ``hybrid`` (RRF of both); None = the config's mode.
         Scores are BM25 scores, cosine similarities, or RRF scores respectively.
         """
-        if isinstance(queries, str):
-            raise TypeError("search() takes a list of queries; wrap a single query as [query]")
-        queries = list(queries)
-        if not all(isinstance(q, str) for q in queries):
-            raise TypeError("every query must be a string")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        queries = check_search_args(queries, k)
         mode = self._check_mode(mode)
         if not queries:
             return []
