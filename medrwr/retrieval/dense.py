@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -294,16 +295,24 @@ def encode_to_memmap(
     return arr
 
 
-def set_faiss_threads(n: int) -> None:
-    """Set FAISS's OpenMP threads (process-wide): ``n > 0`` that many, ``-1`` all CPUs, ``0`` one.
+@contextlib.contextmanager
+def faiss_threads(n: int) -> Iterator[None]:
+    """Run FAISS with ``n`` OpenMP threads (``n > 0`` that many, ``-1`` all CPUs, ``0`` one), then restore.
 
     One thread is the default for search: batches are scored by BLAS in one call, and OpenMP
     spin-waiting beside torch's own thread pool made multi-threaded search 5-20x *slower* on a
     shared 2-core machine (256 queries x 100k vectors: 1.5 s with 2 threads, 0.29 s with 1).
+    FAISS and torch share libgomp's per-thread setting, so it is restored after the call: a global
+    change would also make the query encoder single-threaded.
     """
     faiss = _faiss()
     threads = (os.cpu_count() or 1) if n == -1 else (n if n > 0 else 1)
+    previous = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 class DenseIndex:
@@ -326,6 +335,8 @@ class DenseIndex:
             raise ValueError(f"unknown FAISS index kind {kind!r}; choose one of {', '.join(FAISS_KINDS)}")
         self.dim, self.kind, self.nlist, self.m = int(dim), kind, int(nlist), int(m)
         self.nprobe, self.ef_search = int(nprobe), int(ef_search)
+        self.threads = 0
+        """OpenMP threads for search (see :func:`faiss_threads`); ``retrieval.n_threads`` sets it."""
         self.index: Any = None
 
     @property
@@ -398,7 +409,8 @@ class DenseIndex:
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"query vectors have shape {q.shape}, expected (nq, {self.dim})")
         k = max(1, min(int(k), self.ntotal))
-        scores, ids = self.index.search(q, k)
+        with faiss_threads(self.threads):
+            scores, ids = self.index.search(q, k)
         return scores, ids.astype(np.int64, copy=False)
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -453,5 +465,5 @@ __all__ = [
     "encode_to_memmap",
     "encoder_spec",
     "load_text_encoder",
-    "set_faiss_threads",
+    "faiss_threads",
 ]

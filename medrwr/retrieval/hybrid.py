@@ -149,10 +149,10 @@ class HybridRetriever:
             bm25 = BM25Index.load(p / BM25_DIR, n_threads=cfg.n_threads)
             dense = None
             if manifest.get("dense"):
-                from medrwr.retrieval.dense import DenseIndex, set_faiss_threads
+                from medrwr.retrieval.dense import DenseIndex
 
                 dense = DenseIndex.load(p, nprobe=cfg.ivf_nprobe, ef_search=cfg.hnsw_ef_search)
-                set_faiss_threads(cfg.n_threads)
+                dense.threads = cfg.n_threads
         except IndexStoreError:
             raise
         except Exception as exc:
