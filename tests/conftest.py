@@ -18,6 +18,15 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import pytest
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """MEDRWR_CACHE_DIR pointed at one per-session folder, so KB/encoder builds are isolated from the user's cache."""
+    d = tmp_path_factory.getbasetemp() / "medrwr-shared-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDRWR_CACHE_DIR", str(d))
+        yield d
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     """The real Qwen2.5-VL tokenizer rebuilt offline (left padding, eos <|im_end|>, pad <|endoftext|>)."""

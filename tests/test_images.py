@@ -22,14 +22,6 @@ from medrwr.retrieval.images import (
 )
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "medrwr-shared-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDRWR_CACHE_DIR", str(d))
-        yield d
-
-
 def _pattern(i: int, size: int = 64) -> Image.Image:
     """Visibly different synthetic images: gradients, stripes, blobs and noise at several angles."""
     rng = np.random.default_rng(i)

@@ -23,14 +23,6 @@ from medrwr.retrieval.store import load_manifest
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "medrwr-shared-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDRWR_CACHE_DIR", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def all_docs():
     return list(kb.iter_default_kb_documents())
 

@@ -23,7 +23,12 @@ from medrwr.retrieval.base import (
     RetrievalTimeout,
     RetrievalUnavailable,
 )
-from medrwr.retrieval.client import AsyncRetrievalClient, RetrievalClient, RetrievalRequestError, _retry_after
+from medrwr.retrieval.client import (
+    AsyncRetrievalClient,
+    RetrievalClient,
+    RetrievalRequestError,
+    _retry_after,
+)
 
 URL = "http://retrieval.test"
 

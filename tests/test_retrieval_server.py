@@ -24,7 +24,11 @@ pytest.importorskip("faiss")
 
 from medrwr.config import ServerConfig
 from medrwr.retrieval.base import RetrievalTimeout, RetrievalUnavailable
-from medrwr.retrieval.client import AsyncRetrievalClient, RetrievalClient, RetrievalRequestError
+from medrwr.retrieval.client import (
+    AsyncRetrievalClient,
+    RetrievalClient,
+    RetrievalRequestError,
+)
 from medrwr.retrieval.corpus import Document
 from medrwr.retrieval.server import bind_socket, create_app, make_uvicorn_server
 

@@ -13,7 +13,11 @@ transformers = pytest.importorskip("transformers")
 from medrwr.protocol import split_segments
 from medrwr.retrieval.base import Hit
 from medrwr.rewards import get_confidence_gain_reward
-from medrwr.rewards.confidence_gain import MIN_LOGPROB, answer_token_index, letter_token_table
+from medrwr.rewards.confidence_gain import (
+    MIN_LOGPROB,
+    answer_token_index,
+    letter_token_table,
+)
 from medrwr.rollout.trace import RetrievalRecord, RolloutTrace
 
 QUESTION = "Which finding is shown?\nA. Pneumonia\nB. Pneumothorax\nC. Effusion\nD. Edema"

@@ -10,7 +10,12 @@ import pytest
 
 from medrwr.retrieval.base import Hit
 from medrwr.rewards import entities as E
-from medrwr.rewards.entities import LexiconEntityExtractor, compile_lexicon, load_lexicon, tokenize
+from medrwr.rewards.entities import (
+    LexiconEntityExtractor,
+    compile_lexicon,
+    load_lexicon,
+    tokenize,
+)
 from medrwr.rewards.query_semantic import (
     get_query_semantic_image_reward,
     get_query_semantic_text_reward,

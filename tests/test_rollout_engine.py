@@ -19,7 +19,12 @@ from medrwr.retrieval.base import (
 )
 from medrwr.rollout.backends.base import BackendError, ScriptedBackend
 from medrwr.rollout.cdir import CDIR_QUERY, CDIR_THINK
-from medrwr.rollout.engine import RolloutDriftError, RolloutEngine, RolloutRequest, option_letters_in
+from medrwr.rollout.engine import (
+    RolloutDriftError,
+    RolloutEngine,
+    RolloutRequest,
+    option_letters_in,
+)
 from medrwr.rollout.trace import RolloutTrace, render_trace
 
 DOCS = {

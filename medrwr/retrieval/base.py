@@ -63,12 +63,13 @@ class ImageHit:
 
 
 def check_search_args(queries: Sequence[str], k: Any) -> list[str]:
-    """Validate ``search`` arguments shared by every in-process retriever; returns the queries as a list."""
+    """Validate ``search`` arguments shared by every retriever (in-process, sharded, HTTP); returns the queries as a list."""
     if isinstance(queries, str):
         raise TypeError("search() takes a list of queries; wrap a single query as [query]")
     queries = list(queries)
-    if not all(isinstance(q, str) for q in queries):
-        raise TypeError("every query must be a string")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise TypeError(f"queries[{i}] must be a string, got {type(q).__name__}")
     if not isinstance(k, numbers.Integral) or k < 1:  # numpy integers are Integral too
         raise ValueError(f"k must be a positive integer, got {k!r}")
     return queries

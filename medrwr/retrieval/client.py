@@ -42,6 +42,7 @@ from medrwr.retrieval.base import (
     RetrievalTimeout,
     RetrievalUnavailable,
     SearchMode,
+    check_search_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -299,15 +300,11 @@ class _ClientCore:
             )
         return BadRetrievalResponse(f"retrieval server at {self.url} failed (HTTP {status}): {message}", queries)
 
-    def _search_steps(self, queries: Sequence[str], k: int, mode: SearchMode | None) -> list[tuple[_Step, int]]:
-        queries = list(queries)
-        for i, q in enumerate(queries):
-            if not isinstance(q, str):
-                raise TypeError(f"queries[{i}] must be a string, got {type(q).__name__}")
+    def _search_steps(self, queries: list[str], k: int, mode: SearchMode | None) -> list[_Step]:
         out = []
         for start in range(0, len(queries), self.max_batch):
             chunk = queries[start : start + self.max_batch]
-            out.append((self._exchange("/v1/search", self._search_body(chunk, k, mode), chunk, self._parse_hits), start))
+            out.append(self._exchange("/v1/search", self._search_body(chunk, k, mode), chunk, self._parse_hits))
         return out
 
     def _image_steps(self, images: Sequence[Any], k: int) -> list[_Step]:
@@ -358,11 +355,12 @@ class RetrievalClient(_ClientCore):
                 return stop.value
 
     def search(self, queries: Sequence[str], k: int = 3, mode: SearchMode | None = None) -> list[list[Hit]]:
+        queries = check_search_args(queries, k)
         if not queries:
             return []
         out: list[list[Hit]] = []
         try:
-            for steps, _ in self._search_steps(queries, k, mode):
+            for steps in self._search_steps(queries, k, mode):
                 out.extend(self._drive(steps))
         except RetrievalError as exc:
             raise _with_batch(exc, queries)
@@ -433,10 +431,11 @@ class AsyncRetrievalClient(_ClientCore):
                 return stop.value
 
     async def search(self, queries: Sequence[str], k: int = 3, mode: SearchMode | None = None) -> list[list[Hit]]:
+        queries = check_search_args(queries, k)
         if not queries:
             return []
         try:
-            parts = await asyncio.gather(*(self._drive(steps) for steps, _ in self._search_steps(queries, k, mode)))
+            parts = await asyncio.gather(*(self._drive(steps) for steps in self._search_steps(queries, k, mode)))
         except RetrievalError as exc:
             raise _with_batch(exc, queries)
         return [hits for part in parts for hits in part]

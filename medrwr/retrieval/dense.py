@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -189,6 +190,7 @@ class SentenceTransformerEncoder:
 
 
 _ENCODER_CACHE: dict[tuple, Any] = {}
+_ENCODER_LOCK = threading.Lock()
 
 
 def load_text_encoder(
@@ -201,11 +203,21 @@ def load_text_encoder(
 ) -> TextEncoder:
     """Resolve an encoder spec: ``default``/``minilm`` (packaged MiniLM), ``static-minilm``, a hub id or path.
 
-    Loaded models are cached per process (by spec and options), so several indexes share one copy.
+    Loaded models are cached per process (by spec and options), so several indexes share one copy;
+    the cache is filled under a lock, so concurrent first queries load a model once.
     """
+    if not cache:
+        return _build_text_encoder(spec, device, query_prefix, passage_prefix, max_seq_length)
     key = (spec, device, query_prefix, passage_prefix, max_seq_length)
-    if cache and key in _ENCODER_CACHE:
+    with _ENCODER_LOCK:
+        if key not in _ENCODER_CACHE:
+            _ENCODER_CACHE[key] = _build_text_encoder(*key)
         return _ENCODER_CACHE[key]
+
+
+def _build_text_encoder(
+    spec: str, device: str, query_prefix: str | None, passage_prefix: str | None, max_seq_length: int | None
+) -> TextEncoder:
     if spec in ("default", "minilm"):
         enc: Any = SentenceTransformerEncoder(
             default_encoder_path(),
@@ -216,22 +228,37 @@ def load_text_encoder(
             name="all-MiniLM-L6-v2",
         )
         enc.spec = spec
-    elif spec == "static-minilm":
+        return enc
+    if spec == "static-minilm":
         try:
             from medrwr.retrieval.static import load_static_encoder
         except ImportError as exc:
             raise EncoderError(f"encoder 'static-minilm' is not available in this install ({exc})") from None
-        enc = load_static_encoder()
-    else:
-        enc = SentenceTransformerEncoder(
-            spec,
-            device=device,
-            query_prefix=query_prefix,
-            passage_prefix=passage_prefix,
-            max_seq_length=max_seq_length,
-        )
-    if cache:
-        _ENCODER_CACHE[key] = enc
+        return load_static_encoder()
+    return SentenceTransformerEncoder(
+        spec,
+        device=device,
+        query_prefix=query_prefix,
+        passage_prefix=passage_prefix,
+        max_seq_length=max_seq_length,
+    )
+
+
+def load_index_encoder(info: dict[str, Any] | None, config: Any, dim: int | None, where: str) -> TextEncoder:
+    """The query encoder an index was built with (its manifest's ``encoder`` entry), checked against ``dim``."""
+    info = info or {}
+    spec = info.get("spec") or config.encoder
+    enc = load_text_encoder(
+        spec,
+        device=config.device,
+        query_prefix=info.get("query_prefix"),
+        passage_prefix=info.get("passage_prefix"),
+        max_seq_length=info.get("max_seq_length"),
+    )
+    if dim is not None and int(enc.dim) != int(dim):
+        from medrwr.retrieval.store import IndexStoreError
+
+        raise IndexStoreError(f"encoder {spec!r} has dim {enc.dim} but {where} has dim {dim}; rebuild the index")
     return enc
 
 
@@ -466,4 +493,5 @@ __all__ = [
     "encoder_spec",
     "load_text_encoder",
     "faiss_threads",
+    "load_index_encoder",
 ]

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,7 @@ def split_index(
             "index %s uses a %s FAISS index: each shard re-trains its own, so sharded dense results are "
             "approximate (flat indexes shard exactly)", src, dense_info.get("faiss_index")
         )
+    parent_dense = DenseIndex.load(src) if dense_info else None  # read once: only its parameters are reused
     paths = []
     store = DocStore(src)
     try:
@@ -142,10 +144,9 @@ def split_index(
                 manifest = {k: v for k, v in parent.items() if k not in _MANIFEST_RESERVED}
                 manifest["doc_count"] = hi - lo
                 manifest["corpus"] = {"sha256": writer.corpus_sha256, "sources": writer.sources}
-                if dense_info:
+                if parent_dense is not None:
                     emb = np.load(src / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)[lo:hi]
                     np.save(tmp / EMBEDDINGS_FILE, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
-                    parent_dense = DenseIndex.load(src)
                     index = DenseIndex(
                         parent_dense.dim, parent_dense.kind, nlist=parent_dense.nlist, m=parent_dense.m,
                         nprobe=parent_dense.nprobe, ef_search=parent_dense.ef_search,
@@ -325,6 +326,7 @@ class ShardedRetriever:
         self.manifest = {"encoder": first.get("encoder"), "shards": len(self.infos), "doc_count": self.doc_count}
         self._starts = np.asarray([s["rows"][0] for s in self.infos], dtype=np.int64)
         self._encoder = encoder
+        self._lock = threading.Lock()
 
     @classmethod
     def from_dirs(cls, shard_dirs: Sequence[str | os.PathLike], config: RetrievalConfig | None = None) -> ShardedRetriever:
@@ -335,16 +337,12 @@ class ShardedRetriever:
     @property
     def encoder(self) -> Any:
         if self._encoder is None:
-            from medrwr.retrieval.dense import load_text_encoder
+            from medrwr.retrieval.dense import load_index_encoder
 
             info = self.manifest.get("encoder") or {}
-            self._encoder = load_text_encoder(
-                info.get("spec") or self.config.encoder,
-                device=self.config.device,
-                query_prefix=info.get("query_prefix"),
-                passage_prefix=info.get("passage_prefix"),
-                max_seq_length=info.get("max_seq_length"),
-            )
+            with self._lock:
+                if self._encoder is None:
+                    self._encoder = load_index_encoder(info, self.config, info.get("dim"), "the sharded index")
         return self._encoder
 
     def warmup(self) -> None:

@@ -191,25 +191,13 @@ class HybridRetriever:
         if self._encoder is None:
             if self.dense is None:
                 raise ValueError(f"index {self.path} has no dense part; only mode 'bm25' is available")
+            from medrwr.retrieval.dense import load_index_encoder
+
             with self._lock:
                 if self._encoder is None:
-                    from medrwr.retrieval.dense import load_text_encoder
-
-                    info = self.manifest.get("encoder") or {}
-                    spec = info.get("spec") or self.config.encoder
-                    enc = load_text_encoder(
-                        spec,
-                        device=self.config.device,
-                        query_prefix=info.get("query_prefix"),
-                        passage_prefix=info.get("passage_prefix"),
-                        max_seq_length=info.get("max_seq_length"),
+                    self._encoder = load_index_encoder(
+                        self.manifest.get("encoder"), self.config, self.dense.dim, f"index {self.path}"
                     )
-                    if int(enc.dim) != int(self.dense.dim):
-                        raise IndexStoreError(
-                            f"encoder {spec!r} has dim {enc.dim} but index {self.path} has dim "
-                            f"{self.dense.dim}; rebuild the index"
-                        )
-                    self._encoder = enc
         return self._encoder
 
     def warmup(self) -> None:
@@ -398,7 +386,12 @@ def build_index(
 def _build_dense(
     store: DocStore, tmp: Path, cfg: RetrievalConfig, encoder: Any | str | None, show_progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from medrwr.retrieval.dense import DenseIndex, encode_to_memmap, encoder_spec, load_text_encoder
+    from medrwr.retrieval.dense import (
+        DenseIndex,
+        encode_to_memmap,
+        encoder_spec,
+        load_text_encoder,
+    )
 
     if encoder is None or isinstance(encoder, str):
         encoder = load_text_encoder(

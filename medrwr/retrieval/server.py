@@ -505,13 +505,9 @@ class RetrievalService:
         self._text_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medrwr-search")
         self._image_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medrwr-image-search")
         self._batchers: dict[str, _Batcher] = {}
-        self._started = False
         self.started_at = time.time()
 
     # ---------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
-        self._started = True
 
     async def close(self) -> None:
         """Drain: let every batcher finish its queued jobs, then stop the worker threads."""
@@ -807,7 +803,6 @@ def create_app(retriever: Any, image_retriever: Any = None, config: ServerConfig
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         service = RetrievalService(retriever, image_retriever, config)
-        await service.start()
         app.state.service = service
         holder["service"] = service
         logger.info("retrieval service ready: %s", service.info)
