@@ -19,7 +19,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 THINK, QUERY, RETRIEVE, ANSWER = "think", "query", "retrieve", "answer"
 TAGS: tuple[str, ...] = (THINK, QUERY, RETRIEVE, ANSWER)
@@ -293,6 +293,42 @@ def normalize_text(text: str | None) -> str:
     return " ".join(t.split())
 
 
+ANSWER_CHOICE_START = re.compile(r"[^\s(\[{*\"']")
+"""The first character of an answer that can name the choice: skips whitespace, ``(`` of ``(B)``, ``**``, quotes.
+
+Confidence (METHOD.md §5) and the confidence-gain reward (§2) both read the model's distribution at the
+token holding this character, so they must agree on it.
+"""
+
+LETTER_TOKEN_PREFIXES: tuple[str, ...] = ("", " ", ">", "> ", "\n", "(", " (", ">(")
+"""Prefixes under which an option letter may be one token (``B``, `` B``, ``>B``, ``(B``...): each letter's
+probability is the sum over its single-token spellings, upper and lower case."""
+
+
+def letter_token_ids(encode: Callable[[str], list[int]], letters: str = OPTION_LETTERS) -> dict[int, str]:
+    """Token id -> option letter for every single-token spelling of each letter (see LETTER_TOKEN_PREFIXES)."""
+    letter_of: dict[int, str] = {}
+    for letter in letters:
+        for variant in (letter, letter.lower()):
+            for prefix in LETTER_TOKEN_PREFIXES:
+                enc = encode(prefix + variant)
+                if len(enc) == 1 and enc[0] not in letter_of:
+                    letter_of[int(enc[0])] = letter
+    return letter_of
+
+
+def token_index_at_char(decode: Callable[[Sequence[int]], str], ids: Sequence[int], char_pos: int) -> int:
+    """Index of the token holding character ``char_pos`` of ``decode(ids)`` (binary search on decoded prefixes)."""
+    lo, hi = 0, len(ids)  # the largest i with len(decode(ids[:i])) <= char_pos
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(decode(ids[:mid])) <= char_pos:
+            lo = mid
+        else:
+            hi = mid - 1
+    return min(lo, max(len(ids) - 1, 0))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prompts and inserted text
 
@@ -347,6 +383,8 @@ def format_retrieval_failure(reason: str) -> str:
 
 __all__ = [
     "ANSWER",
+    "ANSWER_CHOICE_START",
+    "LETTER_TOKEN_PREFIXES",
     "ERROR_CODES",
     "OPTION_LETTERS",
     "QUERY",
@@ -363,10 +401,12 @@ __all__ = [
     "format_question",
     "format_retrieval",
     "format_retrieval_failure",
+    "letter_token_ids",
     "normalize_text",
     "parse_completion",
     "sanitize_document",
     "split_segments",
     "strip_retrieve_blocks",
     "system_prompt",
+    "token_index_at_char",
 ]

@@ -96,11 +96,11 @@ def _letter_ids_by_vocab(tok, letters: str) -> dict[str, list[int]]:
             [[i] for i in range(len(tok))], clean_up_tokenization_spaces=False
         )
     texts = _VOCAB_TEXTS[id(tok)]
-    pat = re.compile(r"^(?:|\s|>|> |\n)([A-Ja-j])$")
+    pat = re.compile(r"^(?:|\s|>|> |\n|\(| \(|>\()([A-Ja-j])$")
     out: dict[str, list[int]] = {L: [] for L in letters}
     for i, t in enumerate(texts):
         m = pat.match(t)
-        if m and m.group(1).upper() in out and (m.group(0)[:-1] in ("", " ", ">", "> ", "\n")):
+        if m and m.group(1).upper() in out and (m.group(0)[:-1] in ("", " ", ">", "> ", "\n", "(", " (", ">(")):
             out[m.group(1).upper()].append(i)
     return out
 
@@ -137,14 +137,16 @@ def test_letter_table_covers_case_and_prefixes(tok):
 
 def test_confidence_gain_matches_manual_forward_text_model(tok, lm):
     prompt = _prompt_ids(tok)
+    # Three documents, so the retrieved text moves the tiny random model's letter distribution measurably.
+    retrieve = RETRIEVE.replace("\n</retrieve>", "\n(2) A large rim needs a chest drain.\n(3) Tension needs decompression.\n</retrieve>")
     texts = [
         "<think>The rim suggests air.</think><query>pneumothorax rim size</query>"
-        + RETRIEVE
+        + retrieve
         + "<think>Small pneumothorax.</think><answer>B</answer>",
         "<think>Look it up.</think><query>effusion</query>"
-        + RETRIEVE
+        + retrieve
         + "<think>Fluid? no.</think><query>edema signs</query>"
-        + RETRIEVE
+        + retrieve
         + "<think>ok</think><answer> C. Effusion</answer>",
         "<think>Direct answer without search.</think><answer>B</answer>",  # no query -> 0
     ]
@@ -370,3 +372,18 @@ def test_confidence_gain_never_raises_and_stays_in_range(tok, lm, pieces, flips,
     out = get_confidence_gain_reward(lm, tok, compat=compat)(traces=[trace], answer=[gold])
     assert len(out) == 1 and isinstance(out[0], float) and math.isfinite(out[0])
     assert RANGE[0] - 1e-9 <= out[0] <= RANGE[1] + 1e-9
+
+
+@pytest.mark.parametrize("answer", ["(B) Edema", "**B**", " 'B'"])
+def test_reward_reads_the_letter_where_the_engine_reads_confidence(tok, answer):
+    """σc and the engine's confidence use one rule (protocol.ANSWER_CHOICE_START): the token naming the letter,
+    not the "(" or "**" before it, so the with/without sides compare the same position."""
+    from medrwr.protocol import ANSWER_CHOICE_START, token_index_at_char
+
+    ids = tok.encode(f"<think>t</think><answer>{answer}</answer>", add_special_tokens=False)
+    idx = answer_token_index(tok, ids)
+    text = tok.decode(ids)
+    start = text.index("<answer>") + len("<answer>")
+    expected = token_index_at_char(tok.decode, ids, ANSWER_CHOICE_START.search(text, start).start())
+    assert idx == expected
+    assert "B" in tok.decode([ids[idx]])

@@ -26,7 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 from medrwr.rewards.accuracy import accuracy_reward
-from medrwr.rewards.confidence_gain import ConfidenceGainReward, get_confidence_gain_reward
+from medrwr.rewards.confidence_gain import (
+    ConfidenceGainReward,
+    get_confidence_gain_reward,
+)
 from medrwr.rewards.entities import (
     EntityExtractor,
     LexiconEntityExtractor,

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from medrwr.protocol import extract_yes_no, normalize_text
-from medrwr.rewards._common import Gold, SampleView, column, option_map, resolve_gold, sample_views
+from medrwr.rewards._common import (
+    Gold,
+    SampleView,
+    column,
+    option_map,
+    resolve_gold,
+    sample_views,
+)
 
 ANSWER_COLUMNS = ("answer", "solution", "gold")
 OPTION_COLUMNS = ("options", "choices")

@@ -43,12 +43,22 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from medrwr.protocol import OPTION_LETTERS, RETRIEVE, split_segments
+from medrwr.protocol import (
+    ANSWER,
+    ANSWER_CHOICE_START,
+    LETTER_TOKEN_PREFIXES,
+    OPTION_LETTERS,
+    RETRIEVE,
+    close_tag,
+    letter_token_ids,
+    open_tag,
+    split_segments,
+    token_index_at_char,
+)
 from medrwr.rewards._common import (
     SampleView,
     column,
@@ -62,10 +72,9 @@ logger = logging.getLogger(__name__)
 
 MIN_LOGPROB = math.log(1e-9)
 RANGE = (MIN_LOGPROB, -MIN_LOGPROB)
-LETTER_PREFIXES = ("", " ", ">", "> ", "\n")
-"""Prefixes of the single-token letter spellings summed per option (the same table as the rollout engine's)."""
-_ANSWER_OPEN = "<answer>"
-_NON_WS = re.compile(r"\S")
+LETTER_PREFIXES = LETTER_TOKEN_PREFIXES
+"""Prefixes of the single-token letter spellings summed per option: the rollout engine's table (protocol)."""
+_ANSWER_OPEN = open_tag(ANSWER)
 
 
 @dataclass
@@ -85,20 +94,9 @@ def _decode(tok: Any, ids: Sequence[int]) -> str:
     return tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _token_index_at_char(tok: Any, ids: Sequence[int], char_pos: int) -> int:
-    """Index of the token holding character ``char_pos`` of ``decode(ids)`` (binary search on prefixes)."""
-    lo, hi = 0, len(ids)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(_decode(tok, ids[:mid])) <= char_pos:
-            lo = mid
-        else:
-            hi = mid - 1
-    return min(lo, max(len(ids) - 1, 0))
-
-
 def answer_token_index(tok: Any, model_ids: Sequence[int], window: int = 64) -> int | None:
-    """Index in `model_ids` of the token holding the first non-whitespace character after the last ``<answer>``.
+    """Index in `model_ids` of the token the engine reads confidence at: the first choice-naming character
+    (:data:`medrwr.protocol.ANSWER_CHOICE_START`) after the last ``<answer>``.
 
     Decodes a tail window (doubled until it holds the tag), so the cost does not grow with the completion.
     """
@@ -116,25 +114,18 @@ def answer_token_index(tok: Any, model_ids: Sequence[int], window: int = 64) -> 
         w = min(2 * w, n)
     if at < 0:
         return None
-    m = _NON_WS.search(text, at + len(_ANSWER_OPEN))
-    if m is None or text.startswith("</answer>", m.start()):
+    end = text.find(close_tag(ANSWER), at)
+    m = ANSWER_CHOICE_START.search(text, at + len(_ANSWER_OPEN), end if end >= 0 else len(text))
+    if m is None:
         return None
-    return start + _token_index_at_char(tok, tail, m.start())
+    return start + token_index_at_char(lambda ids: _decode(tok, ids), tail, m.start())
 
 
 def letter_token_table(tok: Any, letters: str = OPTION_LETTERS) -> dict[str, list[int]]:
     """Single-token spellings of each option letter (upper/lower case, after each of :data:`LETTER_PREFIXES`)."""
-    table: dict[str, list[int]] = {}
-    seen: set[int] = set()
-    for letter in letters:
-        ids: list[int] = []
-        for variant in (letter, letter.lower()):
-            for prefix in LETTER_PREFIXES:
-                enc = tok.encode(prefix + variant, add_special_tokens=False)
-                if len(enc) == 1 and enc[0] not in seen:
-                    seen.add(enc[0])
-                    ids.append(int(enc[0]))
-        table[letter] = ids
+    table: dict[str, list[int]] = {letter: [] for letter in letters}
+    for tid, letter in letter_token_ids(lambda t: tok.encode(t, add_special_tokens=False), letters).items():
+        table[letter].append(tid)
     return table
 
 

@@ -48,7 +48,13 @@ from typing import Any
 
 from medrwr import protocol
 from medrwr.config import CDIRConfig, RolloutConfig
-from medrwr.retrieval.base import Hit, ImageRetriever, RetrievalError, RetrievalTimeout, Retriever
+from medrwr.retrieval.base import (
+    Hit,
+    ImageRetriever,
+    RetrievalError,
+    RetrievalTimeout,
+    Retriever,
+)
 from medrwr.rollout.backends.base import (
     BackendError,
     Continuation,
@@ -256,27 +262,8 @@ class RolloutEngine:
 
     def _build_watch_table(self) -> tuple[list[int], dict[int, str]]:
         """Single-token spellings of each option letter: ``B``, ``b``, `` B``, ``>B``, ``(B``... (whichever exist)."""
-        ids: list[int] = []
-        letter_of: dict[int, str] = {}
-        for letter in protocol.OPTION_LETTERS:
-            for variant in (letter, letter.lower()):
-                for prefix in ("", " ", ">", "> ", "\n", "(", " (", ">("):
-                    enc = self._encode(prefix + variant)
-                    if len(enc) == 1 and enc[0] not in letter_of:
-                        letter_of[enc[0]] = letter
-                        ids.append(enc[0])
-        return ids, letter_of
-
-    def _token_index_at_char(self, ids: Sequence[int], char_pos: int) -> int:
-        """Index of the token holding character ``char_pos`` of ``decode(ids)`` (binary search on prefixes)."""
-        lo, hi = 0, len(ids)  # find the largest i with len(decode(ids[:i])) <= char_pos
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(self._decode(ids[:mid])) <= char_pos:
-                lo = mid
-            else:
-                hi = mid - 1
-        return min(lo, max(len(ids) - 1, 0))
+        letter_of = protocol.letter_token_ids(self._encode)
+        return list(letter_of), letter_of
 
     def _token_end_at_char(self, ids: Sequence[int], char_end: int) -> int:
         """The smallest ``i`` with ``len(decode(ids[:i])) >= char_end``: tokens covering ``[0, char_end)``."""
@@ -545,11 +532,11 @@ class RolloutEngine:
         tr.answer = seg.content.strip()
         content_start = seg.start + len(protocol.open_tag(protocol.ANSWER))
         content_end = seg.end - len(protocol.close_tag(protocol.ANSWER))
-        m = re.search(r"[^\s(\[{*\"']", text[content_start:content_end])  # skip "(" of "(B)", "**", quotes
+        m = protocol.ANSWER_CHOICE_START.search(text[content_start:content_end])
         row.answer_turn = {"start": row.last_turn_start}
         if m is None:
             return
-        pos = self._token_index_at_char(ids, content_start + m.start())
+        pos = protocol.token_index_at_char(self._decode, ids, content_start + m.start())
         tr.confidence = math.exp(float(cont.logprobs[pos]))
         row.answer_turn["position"] = row.last_turn_start + pos
         letters = row.letters or ""
@@ -729,7 +716,11 @@ def build_retriever(retrieval: Any) -> Retriever:
 
 def build_image_retriever(cdir: CDIRConfig) -> ImageRetriever:
     """The CDIR image index a config names, or the demo index built from packaged sample images."""
-    from medrwr.retrieval.images import ImageIndex, build_demo_image_index, default_demo_image_index_path
+    from medrwr.retrieval.images import (
+        ImageIndex,
+        build_demo_image_index,
+        default_demo_image_index_path,
+    )
 
     if cdir.image_index:
         return ImageIndex.load(cdir.image_index)
