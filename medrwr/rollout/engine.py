@@ -36,7 +36,6 @@ Decisions (documented in one place):
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import logging
 import math
 import re
@@ -97,23 +96,11 @@ def option_letters_in(text: str) -> str:
 
 
 def load_image(image: Any, max_pixels: int | None = None) -> Any:
-    """A PIL RGB image from a PIL image, path or bytes, downscaled to at most ``max_pixels`` (aspect kept)."""
-    from PIL import Image
+    """A PIL RGB image (PIL image, path, DICOM or bytes; see ``retrieval.images.load_image``), downscaled to at
+    most ``max_pixels`` with its aspect kept."""
+    from medrwr.retrieval.images import load_image as open_image
 
-    if isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(image))
-    elif isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-        img = Image.open(path)
-        img.load()
-    else:
-        raise TypeError(f"an image is a PIL image, a path or bytes, got {type(image).__name__}")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = open_image(image)
     if max_pixels and img.width * img.height > max_pixels:
         scale = math.sqrt(max_pixels / (img.width * img.height))
         img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))

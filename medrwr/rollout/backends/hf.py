@@ -320,8 +320,8 @@ class HFBackend:
         top_n = max(top_logprobs, self.top_logprobs)
         recorder = _Recorder(watch_token_ids, top_n, width)
         stops = _Stops(self.tokenizer, stop, width, budgets, self._eos)
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
+        if self.seed is not None:  # reproducible, but a fresh stream per call (turns and steps must not repeat)
+            torch.manual_seed(self.seed + self.forward_calls)
         with torch.inference_mode():
             seqs = self.model.generate(
                 **batch,

@@ -107,7 +107,7 @@ class VLLMBackend:
         ids, _ = image_placeholder_ids(self.processor, image)
         return ids, MultimodalInputs(images=[image], data={"image": [image]})
 
-    def _params(self, stop: Sequence[str], budget: int):
+    def _params(self, stop: Sequence[str], budget: int, seed: int | None):
         import vllm
 
         kwargs: dict[str, Any] = {
@@ -121,8 +121,8 @@ class VLLMBackend:
             "logprobs": self.logprobs,
             "skip_special_tokens": False,
         }
-        if self.seed is not None:
-            kwargs["seed"] = self.seed + self._calls
+        if seed is not None:
+            kwargs["seed"] = seed
         return vllm.SamplingParams(**kwargs)
 
     def generate(
@@ -138,12 +138,15 @@ class VLLMBackend:
 
         budgets = per_row_budgets(max_new_tokens, len(states))
         prompts, params = [], []
-        for s, b in zip(states, budgets):
+        for row, (s, b) in enumerate(zip(states, budgets)):
             p: dict[str, Any] = {"prompt_token_ids": list(s.ids)}
             if s.mm and s.mm.data.get("image"):
                 p["multi_modal_data"] = {"image": list(s.mm.data["image"])}
             prompts.append(p)
-            params.append(self._params(stop, max(b, 1)))
+            # One seed per row and call: GRPO repeats each prompt num_generations times, and a shared seed
+            # would give every copy the same completion (zero advantage).
+            seed = None if self.seed is None else self.seed + self._calls * len(states) + row
+            params.append(self._params(stop, max(b, 1), seed))
         self._calls += 1
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         result = []
