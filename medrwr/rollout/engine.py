@@ -35,10 +35,11 @@ Decisions (documented in one place):
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,32 @@ def load_image(image: Any, max_pixels: int | None = None) -> Any:
         scale = math.sqrt(max_pixels / (img.width * img.height))
         img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
     return img
+
+
+_TIMED_OUT = object()
+
+
+def _call_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
+    """``fn()`` in a daemon thread; :data:`_TIMED_OUT` when it has not returned after ``timeout`` seconds.
+
+    A daemon thread, not an executor: a retriever that hangs for good must not keep the process from exiting.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="medrwr-search", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return _TIMED_OUT
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _image_ref(image: Any) -> str:
@@ -548,28 +575,17 @@ class RolloutEngine:
         t0 = self.clock()
         timeout = self.config.retrieval_timeout_s
         try:
-            if timeout and timeout > 0:
-                pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medrwr-search")
-                try:
-                    fut = pool.submit(self.retriever.search, queries, self.k, self.search_mode)
-                    try:
-                        results = fut.result(timeout=timeout)
-                    except concurrent.futures.TimeoutError:
-                        raise RetrievalTimeout(f"the retriever did not answer within {timeout:g} s", queries)
-                finally:
-                    pool.shutdown(wait=False)
-            else:
-                results = self.retriever.search(queries, self.k, self.search_mode)
+            call = functools.partial(self.retriever.search, queries, self.k, self.search_mode)
+            results = _call_with_timeout(call, timeout) if timeout and timeout > 0 else call()
+            if results is _TIMED_OUT:
+                raise RetrievalTimeout(f"the retriever did not answer within {timeout:g} s", queries)
             if not isinstance(results, list) or len(results) != len(queries):
                 n = len(results) if isinstance(results, list) else type(results).__name__
                 raise RetrievalError(f"the retriever returned {n} result lists for {len(queries)} queries", queries)
             results = [[h for h in hs][: self.k] for hs in results]
             return results, None, self.clock() - t0
-        except RetrievalError as exc:
-            logger.warning("retrieval failed for %d queries: %s", len(queries), exc)
-            return None, f"{type(exc).__name__}: {exc}", self.clock() - t0
         except Exception as exc:  # noqa: BLE001 - any retriever failure is recorded, the rollout continues
-            logger.warning("retriever raised %s for %d queries: %s", type(exc).__name__, len(queries), exc)
+            logger.warning("retrieval failed for %d queries: %s: %s", len(queries), type(exc).__name__, exc)
             return None, f"{type(exc).__name__}: {exc}", self.clock() - t0
 
     def _retrieve(self, pending: list[tuple[_Row, list[str]]]) -> None:
