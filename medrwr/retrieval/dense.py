@@ -94,11 +94,11 @@ def _auto_device() -> str:
     return "cpu"
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float32; all-zero rows stay zero."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.maximum(norms, 1e-12, out=norms)
-    return x / norms
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
 
 class SentenceTransformerEncoder:
@@ -169,7 +169,7 @@ class SentenceTransformerEncoder:
             convert_to_numpy=True,
             normalize_embeddings=True,
         )
-        return _normalise(out)
+        return np.asarray(out, dtype=np.float32)
 
     def encode_queries(
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False

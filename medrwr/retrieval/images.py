@@ -36,6 +36,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 import numpy as np
 
 from medrwr.retrieval.base import ImageHit
+from medrwr.retrieval.dense import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +126,6 @@ def load_image(image: ImageInput) -> Any:
     raise ImageLoadError(f"unsupported image input of type {type(image).__name__}; pass a PIL image, path or bytes")
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
-
-
 # ------------------------------------------------------------------------------------------ encoders
 
 
@@ -171,7 +166,7 @@ class PixelStatsEncoder:
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         if not len(images):
             return np.zeros((0, self.dim), dtype=np.float32)
-        return _l2(np.stack([self._one(im) for im in images]))
+        return l2_normalize(np.stack([self._one(im) for im in images]))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         raise NotImplementedError(
@@ -232,7 +227,7 @@ class HFClipEncoder:
                 pil = [load_image(x) for x in images[s:s + batch_size]]
                 inputs = self.processor(images=pil, return_tensors="pt").to(self.device)
                 outs.append(_features(self.model.get_image_features(pixel_values=inputs["pixel_values"])).float().cpu().numpy())
-        return _l2(np.concatenate(outs)) if outs else np.zeros((0, getattr(self, "dim", 0)), np.float32)
+        return l2_normalize(np.concatenate(outs)) if outs else np.zeros((0, getattr(self, "dim", 0)), np.float32)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         outs = []
@@ -242,7 +237,7 @@ class HFClipEncoder:
                                         truncation=True).to(self.device)
                 kw = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
                 outs.append(_features(self.model.get_text_features(**kw)).float().cpu().numpy())
-        return _l2(np.concatenate(outs)) if outs else np.zeros((0, self.dim), np.float32)
+        return l2_normalize(np.concatenate(outs)) if outs else np.zeros((0, self.dim), np.float32)
 
 
 class OpenClipEncoder:
@@ -274,7 +269,7 @@ class OpenClipEncoder:
             for s in range(0, len(images), batch_size):
                 x = self._torch.stack([self.preprocess(load_image(im)) for im in images[s:s + batch_size]])
                 outs.append(self.model.encode_image(x.to(self.device)).float().cpu().numpy())
-        return _l2(np.concatenate(outs)) if outs else np.zeros((0, self.dim), np.float32)
+        return l2_normalize(np.concatenate(outs)) if outs else np.zeros((0, self.dim), np.float32)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         outs = []
@@ -282,7 +277,7 @@ class OpenClipEncoder:
             for s in range(0, len(texts), batch_size):
                 tok = self.tokenizer(list(texts[s:s + batch_size])).to(self.device)
                 outs.append(self.model.encode_text(tok).float().cpu().numpy())
-        return _l2(np.concatenate(outs))
+        return l2_normalize(np.concatenate(outs))
 
 
 def load_image_encoder(spec: str | ImageEncoder) -> ImageEncoder:

@@ -24,6 +24,7 @@ deliberately NOT part of this knowledge base.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -435,12 +436,15 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
             it = iter_default_kb_documents([s])
             yield from (it if limit is None else itertools.islice(it, limit))
 
+    if config is not None and encoder == DEFAULT_ENCODER and config.encoder != RetrievalConfig.encoder:
+        encoder = config.encoder  # an encoder named in the config (--set retrieval.encoder=...) wins
     enc_name = encoder if isinstance(encoder, str) else getattr(encoder, "name", DEFAULT_ENCODER)
     if isinstance(encoder, str) and encoder == DEFAULT_ENCODER:
         from medrwr.retrieval.static import load_static_encoder
 
         encoder = load_static_encoder(progress=progress)
-    cfg = config or RetrievalConfig(encoder=enc_name)
+    # The manifest's build config records the encoder actually used.
+    cfg = dataclasses.replace(config, encoder=enc_name) if config is not None else RetrievalConfig(encoder=enc_name)
     extra = kb_manifest(chosen)
     if limit is not None:
         extra["kb_subset"] = _subset_label(limit)
