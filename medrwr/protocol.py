@@ -262,6 +262,24 @@ def extract_choice(answer_text: str | None, letters: str = OPTION_LETTERS) -> st
     return None
 
 
+_OPTION_LINE_RE = re.compile(r"^\s*\(?([A-J])[.):]\s", re.MULTILINE)
+
+
+def option_letters_in(text: str) -> str:
+    r"""The option letters listed as ``A. ...`` / ``(A) ...`` / ``A: ...`` lines of a question, in order.
+
+    The inverse of :func:`format_question`'s lettering; ``""`` when the text lists none.
+
+    >>> option_letters_in("Which?\nA. x\n(B) y\nC: z")
+    'ABC'
+    """
+    seen: list[str] = []
+    for m in _OPTION_LINE_RE.finditer(text or ""):
+        if m.group(1) not in seen:
+            seen.append(m.group(1))
+    return "".join(seen)
+
+
 _YES = {"yes", "y", "true", "correct", "present", "是"}
 _NO = {"no", "n", "false", "incorrect", "absent", "否"}
 
@@ -403,6 +421,7 @@ __all__ = [
     "format_retrieval_failure",
     "letter_token_ids",
     "normalize_text",
+    "option_letters_in",
     "parse_completion",
     "sanitize_document",
     "split_segments",

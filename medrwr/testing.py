@@ -259,7 +259,14 @@ def _vocab_and_merges(ranks_file: Path) -> tuple[dict[str, int], list[tuple[str,
 
 
 def _build_tokenizer(folder: Path) -> None:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+    )
     from tokenizers.models import BPE
     from transformers import Qwen2Tokenizer
 
@@ -343,7 +350,9 @@ def _seeded(seed: int = 0):
 
 
 def _qwen_vl_image_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     return Qwen2VLImageProcessorPil()
 
@@ -454,7 +463,9 @@ def tiny_clip(path: str | os.PathLike | None = None) -> Path:
     def build(folder: Path) -> None:
         from tokenizers import processors
         from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPProcessor
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil,
+        )
 
         eot = QWEN_SPECIAL_TOKENS["<|endoftext|>"][0]
         tok = AutoTokenizer.from_pretrained(_tokenizer_dir(), padding_side="right", model_max_length=77)

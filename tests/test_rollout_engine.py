@@ -10,6 +10,7 @@ import pytest
 
 from medrwr import protocol
 from medrwr.config import CDIRConfig, RolloutConfig
+from medrwr.protocol import option_letters_in
 from medrwr.retrieval.base import (
     FakeImageRetriever,
     FakeRetriever,
@@ -23,7 +24,6 @@ from medrwr.rollout.engine import (
     RolloutDriftError,
     RolloutEngine,
     RolloutRequest,
-    option_letters_in,
 )
 from medrwr.rollout.trace import RolloutTrace, render_trace
 

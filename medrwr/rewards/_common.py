@@ -35,13 +35,13 @@ from medrwr.protocol import (
     RETRIEVE,
     ParsedCompletion,
     extract_choice,
+    option_letters_in,
     parse_completion,
 )
 
 _LETTER_ONLY_RE = re.compile(r"^\s*[(\[]?\s*([A-Ja-j])\s*[)\].:]?\s*$")
 _LETTERED_RE = re.compile(r"^\s*[(\[]?\s*([A-J])\s*[)\].:]\s*(\S.*)$", re.DOTALL)
 _DOC_NUMBER_RE = re.compile(r"(?m)^\s*\(\d+\)\s*")
-_OPTION_LINE_RE = re.compile(r"(?m)^\s*([A-J])[.)]\s+\S")
 
 
 def completion_text(completion: Any) -> str:
@@ -258,11 +258,7 @@ def option_map(options: Any) -> dict[str, str]:
 def option_letters_from_prompt(prompt: Any) -> str:
     """Letters of ``A. ...`` option lines found in a prompt (string or chat messages), in order."""
     text = prompt if isinstance(prompt, str) else completion_text_all(prompt)
-    seen = []
-    for m in _OPTION_LINE_RE.finditer(text[-20_000:]):
-        if m.group(1) not in seen:
-            seen.append(m.group(1))
-    return "".join(seen)
+    return option_letters_in(text[-20_000:])
 
 
 def completion_text_all(messages: Any) -> str:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -76,24 +75,11 @@ __all__ = [
     "build_retriever",
     "engine_from_config",
     "load_image",
-    "option_letters_in",
 ]
 
 
 class RolloutDriftError(AssertionError):
     """The ids fed to a turn do not extend the previous turn's ids exactly. Always a bug in our code."""
-
-
-_OPTION_LINE_RE = re.compile(r"^\s*\(?([A-J])[.):]\s", re.MULTILINE)
-
-
-def option_letters_in(text: str) -> str:
-    """The option letters listed as ``A. ...`` lines in a question, in order (``""`` when none)."""
-    seen: list[str] = []
-    for m in _OPTION_LINE_RE.finditer(text or ""):
-        if m.group(1) not in seen:
-            seen.append(m.group(1))
-    return "".join(seen)
 
 
 def load_image(image: Any, max_pixels: int | None = None) -> Any:
@@ -164,8 +150,8 @@ class RolloutRequest:
                 return "".join(str(k).strip().upper()[:1] for k in keys)
             return protocol.OPTION_LETTERS[: len(self.options)]
         if self.messages is not None:
-            return option_letters_in(_last_user_text(self.messages))
-        return option_letters_in(self.question)
+            return protocol.option_letters_in(_last_user_text(self.messages))
+        return protocol.option_letters_in(self.question)
 
 
 def _last_user_text(messages: Sequence[dict[str, Any]]) -> str:
