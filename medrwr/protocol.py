@@ -393,10 +393,40 @@ def format_retrieval(documents: Sequence[str]) -> str:
     return f"<retrieve>\n{body}\n</retrieve>\n"
 
 
+_FAILED = "Retrieval failed:"
+_BUDGET_SPENT = "Search budget spent"
+_DOC_NUMBER_RE = re.compile(r"(?m)^\s*\(\d+\)\s*")
+
+
 def format_retrieval_failure(reason: str) -> str:
     """The retrieve block inserted when the retriever failed; the rollout continues."""
     reason = " ".join(sanitize_document(reason).split())[:300] or "unknown error"
-    return f"<retrieve>\nRetrieval failed: {reason}\n</retrieve>\n"
+    return f"<retrieve>\n{_FAILED} {reason}\n</retrieve>\n"
+
+
+def format_budget_notice(max_rounds: int) -> str:
+    """The retrieve block answering a query written after the search budget is spent."""
+    searches = "search" if max_rounds == 1 else "searches"
+    return (
+        f"<retrieve>\n{_BUDGET_SPENT} ({max_rounds} {searches} allowed). "
+        "Answer with the information you have.\n</retrieve>\n"
+    )
+
+
+def retrieved_documents(block_content: str) -> list[str]:
+    """The documents of a retrieve block's content: the inverse of :func:`format_retrieval`.
+
+    Empty results, failures and budget notices hold no documents.
+
+    >>> retrieved_documents("\\n(1) a b\\n(2) c\\n")
+    ['a b', 'c']
+    >>> retrieved_documents(format_budget_notice(3)[len("<retrieve>"):-len("</retrieve>\\n")])
+    []
+    """
+    body = block_content.strip()
+    if not body or body == "None" or body.startswith((_FAILED, _BUDGET_SPENT)):
+        return []
+    return [d.strip() for d in _DOC_NUMBER_RE.split(body) if d.strip()]
 
 
 __all__ = [
@@ -418,11 +448,13 @@ __all__ = [
     "extract_yes_no",
     "format_question",
     "format_retrieval",
+    "format_budget_notice",
     "format_retrieval_failure",
     "letter_token_ids",
     "normalize_text",
     "option_letters_in",
     "parse_completion",
+    "retrieved_documents",
     "sanitize_document",
     "split_segments",
     "strip_retrieve_blocks",

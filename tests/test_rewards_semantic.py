@@ -338,3 +338,16 @@ def test_image_reward_without_joint_encoder_says_so(caplog):
             reward(completions=[text], images=[[_img(0)]])
         warnings = [r for r in caplog.records if needle in r.getMessage()]
         assert len(warnings) == 1  # once, not per call
+
+
+def test_budget_notice_and_failure_blocks_hold_no_documents():
+    """Blocks the engine writes instead of documents must not count as retrieved knowledge (K) on the text path."""
+    from medrwr.protocol import format_budget_notice, format_retrieval_failure
+
+    ext = TableExtractor({**TABLE, "Search budget spent (3 searches allowed). Answer with the information you have.":
+                          {"pneumothorax"}, "Retrieval failed: d1": {"pneumothorax"}})
+    reward = get_query_semantic_text_reward(ext)
+    for block in (format_budget_notice(3), format_retrieval_failure("d1")):
+        text = f"<think>a</think><query>q1</query>{block}<think>b</think><answer>B</answer>"
+        got = reward(completions=[text], answer=["B"], options=[OPTIONS], explanation=["Air in the pleural space."])
+        assert got == [pytest.approx(1 / 2 + 0)]  # |K| = 0

@@ -37,11 +37,11 @@ from medrwr.protocol import (
     extract_choice,
     option_letters_in,
     parse_completion,
+    retrieved_documents,
 )
 
 _LETTER_ONLY_RE = re.compile(r"^\s*[(\[]?\s*([A-Ja-j])\s*[)\].:]?\s*$")
 _LETTERED_RE = re.compile(r"^\s*[(\[]?\s*([A-J])\s*[)\].:]\s*(\S.*)$", re.DOTALL)
-_DOC_NUMBER_RE = re.compile(r"(?m)^\s*\(\d+\)\s*")
 
 
 def completion_text(completion: Any) -> str:
@@ -88,14 +88,6 @@ def parse_text(text: str) -> ParsedCompletion:
     return _parse_cached(text)
 
 
-def _docs_from_block(content: str) -> list[str]:
-    body = content.strip()
-    if not body or body == "None" or body.startswith("Retrieval failed:"):
-        return []
-    docs = [d.strip() for d in _DOC_NUMBER_RE.split(body)]
-    return [d for d in docs if d]
-
-
 @dataclass
 class SampleView:
     """One completion as the rewards see it."""
@@ -135,7 +127,7 @@ def _view_from_text(text: str) -> SampleView:
     has_think = False
     for seg in parsed.segments:
         if seg.kind == RETRIEVE and seg.closed:
-            docs.extend(_docs_from_block(seg.content))
+            docs.extend(retrieved_documents(seg.content))
         elif seg.kind == "think" and seg.closed and seg.content.strip():
             has_think = True
     return SampleView(

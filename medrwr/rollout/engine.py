@@ -586,7 +586,7 @@ class RolloutEngine:
                 row.trace.queries.extend(queries)
                 row.trace.metadata.setdefault("over_budget_queries", []).extend(queries)
                 for _ in queries:
-                    self._insert_block(row, self._budget_text())
+                    self._insert_block(row, protocol.format_budget_notice(self.config.max_rounds))
                 continue
             to_search.append((row, queries))
         if not to_search:
@@ -614,13 +614,6 @@ class RolloutEngine:
                 record.inserted_tokens.append(len(ids))
                 record.truncated = record.truncated or truncated
             row.trace.retrievals.append(record)
-
-    def _budget_text(self) -> str:
-        n = self.config.max_rounds
-        return (
-            f"<retrieve>\nSearch budget spent ({n} search{'es' if n != 1 else ''} allowed). "
-            "Answer with the information you have.\n</retrieve>\n"
-        )
 
     def _insert_block(self, row: _Row, text: str, ids: list[int] | None = None) -> None:
         last = row.trace.completion_ids[row.last_turn_start :]
