@@ -43,7 +43,6 @@ from medrwr.retrieval.base import SEARCH_MODES, Hit, check_search_args
 logger = logging.getLogger(__name__)
 
 _BM25_ARRAYS = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
-_MANIFEST_RESERVED = {"format_version", "created_at", "medrwr_version", "files", "checksum_policy"}
 
 
 # ------------------------------------------------------------------------------------------ splitting
@@ -105,6 +104,8 @@ def split_index(
     from medrwr.retrieval.dense import DenseIndex
     from medrwr.retrieval.hybrid import BM25_DIR, EMBEDDINGS_FILE
     from medrwr.retrieval.store import (
+        DOCS_FILE,
+        RESERVED_KEYS,
         DocStore,
         DocStoreWriter,
         atomic_index_dir,
@@ -141,7 +142,7 @@ def split_index(
                 finally:
                     writer.close()
                 _slice_bm25(src / BM25_DIR, tmp / BM25_DIR, lo, hi)
-                manifest = {k: v for k, v in parent.items() if k not in _MANIFEST_RESERVED}
+                manifest = {k: v for k, v in parent.items() if k not in RESERVED_KEYS}
                 manifest["doc_count"] = hi - lo
                 manifest["corpus"] = {"sha256": writer.corpus_sha256, "sources": writer.sources}
                 if parent_dense is not None:
@@ -156,7 +157,7 @@ def split_index(
                     manifest["dense"] = {**dense_info, "ntotal": index.ntotal}
                 manifest["shard"] = {"index": i, "count": n_shards, "row_offset": lo, "rows": [lo, hi],
                                      "parent": parent_info}
-                write_manifest(tmp, manifest)
+                write_manifest(tmp, manifest, known_sha256={DOCS_FILE: writer.corpus_sha256})
     finally:
         store.close()
     logger.info("split %s (%d docs) into %d shards under %s", src, n, n_shards, out)

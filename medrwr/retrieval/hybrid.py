@@ -26,6 +26,8 @@ from medrwr.config import RetrievalConfig
 from medrwr.retrieval.base import SEARCH_MODES, Hit, check_search_args
 from medrwr.retrieval.corpus import Document, chunk_documents
 from medrwr.retrieval.store import (
+    DOCS_FILE,
+    RESERVED_KEYS,
     DocStore,
     DocStoreWriter,
     IndexCorrupt,
@@ -39,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 BM25_DIR = "bm25"
 EMBEDDINGS_FILE = "embeddings.npy"
-_RESERVED = {"format_version", "created_at", "medrwr_version", "files", "checksum_policy"}
 
 K = TypeVar("K", bound=Hashable)
 
@@ -317,7 +318,7 @@ def build_index(
     cfg = config or RetrievalConfig()
     use_dense = bool(dense and cfg.dense)
     extra = dict(extra_manifest or {})
-    clash = _RESERVED & extra.keys()
+    clash = RESERVED_KEYS & extra.keys()
     if clash:
         raise ValueError(f"extra_manifest cannot set reserved keys {sorted(clash)}")
     t0 = time.perf_counter()
@@ -378,7 +379,7 @@ def build_index(
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         manifest.update(extra)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, known_sha256={DOCS_FILE: writer.corpus_sha256})
     logger.info("built index %s: %d documents in %.1fs", out, n, time.perf_counter() - t0)
     return out
 

@@ -185,9 +185,9 @@ def _sha256_ends(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def _checksum_entry(path: Path) -> dict[str, Any]:
+def _checksum_entry(path: Path, sha256: str | None = None) -> dict[str, Any]:
     size = path.stat().st_size
-    entry: dict[str, Any] = {"size": size, "sha256": _sha256_file(path)}
+    entry: dict[str, Any] = {"size": size, "sha256": sha256 or _sha256_file(path)}
     if size > QUICK_VERIFY_LIMIT:
         entry["sha256_ends"] = _sha256_ends(path, size)
     return entry
@@ -199,8 +199,18 @@ def _index_files(directory: Path) -> list[Path]:
     )
 
 
-def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write ``manifest.json`` with the format version, a timestamp and a checksum of every file."""
+RESERVED_KEYS = frozenset({"format_version", "created_at", "medrwr_version", "files", "checksum_policy"})
+"""Manifest keys that :func:`write_manifest` sets itself."""
+
+
+def write_manifest(
+    directory: str | os.PathLike, manifest: dict[str, Any], known_sha256: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Write ``manifest.json`` with the format version, a timestamp and a checksum of every file.
+
+    ``known_sha256`` maps relative paths to digests computed while writing them (the document store hashes
+    its bytes as it streams them), so a multi-GB file is not read back just to hash it again.
+    """
     d = Path(directory)
     from medrwr import __version__
 
@@ -208,7 +218,10 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> di
     full["format_version"] = FORMAT_VERSION
     full["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     full["medrwr_version"] = __version__
-    full["files"] = {p.relative_to(d).as_posix(): _checksum_entry(p) for p in _index_files(d)}
+    known = known_sha256 or {}
+    full["files"] = {
+        (rel := p.relative_to(d).as_posix()): _checksum_entry(p, known.get(rel)) for p in _index_files(d)
+    }
     full["checksum_policy"] = {
         "quick_verify_limit_bytes": QUICK_VERIFY_LIMIT,
         "large_files": "size + sha256 of the first and last MiB on load; full sha256 with verify='full'",

@@ -24,7 +24,6 @@ Dataset columns read (one value per completion, as TRL passes them):
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -311,23 +310,11 @@ def resolve_gold(answer: Any, options: Any = None) -> Gold:
     return Gold(None, a, None)
 
 
-def finite(x: float, lo: float = -1e6, hi: float = 1e6) -> float:
-    """``x`` as a finite float clipped to [lo, hi]; NaN becomes 0.0."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return 0.0
-    if math.isnan(v):
-        return 0.0
-    return min(max(v, lo), hi)
-
-
 __all__ = [
     "Gold",
     "SampleView",
     "column",
     "completion_text",
-    "finite",
     "option_letters_from_prompt",
     "option_map",
     "parse_text",
