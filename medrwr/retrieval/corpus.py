@@ -113,6 +113,15 @@ def _format_of(path: Path) -> tuple[str, bool]:
     raise CorpusError(f"{path}: unknown corpus format; use .jsonl, .tsv, .csv or .parquet (optionally .gz)")
 
 
+def is_corpus_file(path: str | os.PathLike) -> bool:
+    """True when :func:`iter_records` can read ``path`` by its name (gzipped parquet is not readable)."""
+    try:
+        fmt, gz = _format_of(Path(path))
+    except CorpusError:
+        return False
+    return not (gz and fmt == "parquet")
+
+
 def _default_source(path: Path) -> str:
     name = path.name
     if name.lower().endswith(".gz"):
@@ -374,6 +383,7 @@ __all__ = [
     "Document",
     "chunk_documents",
     "detect_preset",
+    "is_corpus_file",
     "iter_records",
     "read_corpus",
 ]

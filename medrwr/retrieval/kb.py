@@ -488,14 +488,14 @@ def build_medrwr_kb(tsv_path: str | Path, out_dir: str | Path, encoder: Any = "d
 def build_medrag_corpus(path: str | Path, out_dir: str | Path, encoder: Any = "default",
                         config: Any = None, show_progress: bool = True, source: str | None = None) -> Path:
     """Index a MedRAG corpus: one JSONL file or a folder of chunk files (``{"id","title","content"}``)."""
-    from medrwr.retrieval.corpus import read_corpus
+    from medrwr.retrieval.corpus import is_corpus_file, read_corpus
     from medrwr.retrieval.hybrid import build_index
 
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and re.search(r"\.(jsonl|json|parquet)(\.gz)?$", f.name))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and is_corpus_file(f))
         if not files:
-            raise FileNotFoundError(f"{p} holds no .jsonl/.parquet chunk files; point at a MedRAG corpus folder")
+            raise FileNotFoundError(f"{p} holds no .jsonl/.tsv/.csv/.parquet corpus files; point at a MedRAG corpus folder")
     elif p.exists():
         files = [p]
     else:
