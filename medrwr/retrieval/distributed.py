@@ -542,10 +542,11 @@ def serve_sharded(index_path: str | os.PathLike | None, n_shards: int, config: A
                   shards_dir: str | os.PathLike | None = None, log_level: str = "warning",
                   on_ready: Any = None) -> None:
     """``medrwr serve retrieval --ray --shards N``: split (or reuse shards), deploy on Ray Serve, serve HTTP."""
-    from medrwr.config import Config
+    from medrwr.config import Config, ServerConfig
     from medrwr.retrieval.server import bind_socket, serve
 
-    full = config if isinstance(config, Config) else Config()
+    # As serve(): a full Config, or a ServerConfig (host, port, key must not fall back to defaults).
+    full = config if isinstance(config, Config) else Config(server=config or ServerConfig())
     sock = bind_socket(full.server.host, full.server.port)  # a taken port fails before Ray starts
     sock.close()
     if index_path is None:
@@ -558,7 +559,7 @@ def serve_sharded(index_path: str | os.PathLike | None, n_shards: int, config: A
     import ray
 
     try:
-        retriever = deploy(shard_dirs, full.retrieval if config is not None else None)
+        retriever = deploy(shard_dirs, full.retrieval if isinstance(config, Config) else None)
         serve(None, config=full, retriever=retriever, log_level=log_level, on_ready=on_ready)
     finally:
         from ray import serve as ray_serve
