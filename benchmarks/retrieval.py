@@ -67,7 +67,7 @@ def _cpu_s() -> float:
 
 
 def _read_docs(path: str):
-    from medrwr.retrieval.corpus import Document
+    from medrwr.retrieval.index.corpus import Document
 
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -84,20 +84,20 @@ def worker(kind: str, job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if kind == "build":
         from medrwr.config import RetrievalConfig
-        from medrwr.retrieval.hybrid import build_index
+        from medrwr.retrieval.index.hybrid import build_index
 
         enc = job.get("encoder")
         cfg = RetrievalConfig(encoder=enc or "default", device="cpu", batch_size=job.get("batch_size", 64))
         encoder: Any = enc
         if enc == "static-minilm":
-            from medrwr.retrieval.static import load_static_encoder
+            from medrwr.retrieval.encoders.static import load_static_encoder
 
             encoder = load_static_encoder(progress=False)
         build_index(_read_docs(job["docs"]), job["out"], config=cfg, encoder=encoder, dense=bool(enc),
                     show_progress=False)
     elif kind == "kb":
-        from medrwr.retrieval.kb import ensure_default_index
-        from medrwr.retrieval.static import load_static_encoder
+        from medrwr.kb.default import ensure_default_index
+        from medrwr.retrieval.encoders.static import load_static_encoder
 
         load_static_encoder(progress=False)
         out["static_table_s"] = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def worker(kind: str, job: dict[str, Any]) -> dict[str, Any]:
         ensure_default_index(progress=False)
         out["kb_s"] = time.perf_counter() - t1
     elif kind == "load":
-        from medrwr.retrieval.hybrid import HybridRetriever
+        from medrwr.retrieval.index.hybrid import HybridRetriever
 
         r = HybridRetriever.load(job["index"])
         hits = r.search([job.get("query", "enlarged heart on chest x-ray")], k=3, mode="hybrid")
@@ -146,7 +146,7 @@ def write_docs(docs, path: Path) -> int:
 def labeled_set(n_queries: int, seed: int = 0):
     """Held-out-synonym queries over HPO and MeSH (see the module docstring). Returns
     (queries, targets, heldout_docs) where heldout_docs maps doc_id -> the rebuilt passage."""
-    from medrwr.retrieval import kb
+    from medrwr.kb import default as kb
 
     rng = random.Random(seed)
 
@@ -188,7 +188,7 @@ def labeled_set(n_queries: int, seed: int = 0):
 
 
 def _norm_title(t: str) -> tuple[str, ...]:
-    from medrwr.retrieval.kb import _key
+    from medrwr.kb.default import _key
 
     return _key(t)
 
@@ -207,7 +207,7 @@ def recall_at(retriever, queries, relevant, mode: str, k: int = 10) -> float:
 
 def synthetic_docs(n: int, seed: int = 0):
     """Passages of 30-70 words from a Zipfian (s=1.1) vocabulary of 30k syllable pseudo-words."""
-    from medrwr.retrieval.corpus import Document
+    from medrwr.retrieval.index.corpus import Document
 
     rng = np.random.default_rng(seed)
     syl = ["ka", "ro", "mi", "tel", "sun", "va", "dor", "pel", "li", "no", "gra", "fen", "tu", "zo", "bri", "se"]
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     env = {"MEDRWR_CACHE_DIR": str(cache)}
-    from medrwr.retrieval.static import STATIC_VERSION, default_static_dir
+    from medrwr.retrieval.encoders.static import STATIC_VERSION, default_static_dir
 
     user_table = default_static_dir()  # the caller's cache, before we point MEDRWR_CACHE_DIR at scratch
     table_cached = False
@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     show(f"top-3 for 'enlarged heart on chest x-ray': {load['top']}")
 
     # 2. labeled set and recall ----------------------------------------------------------------------------
-    from medrwr.retrieval.hybrid import HybridRetriever
-    from medrwr.retrieval.kb import iter_default_kb_documents
+    from medrwr.kb.default import iter_default_kb_documents
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     n_q = 300 if quick else 1000
     queries, targets, heldout = labeled_set(n_q)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             rec_sub[f"{m}" if m == "bm25" else f"{m} ({'MiniLM' if enc == 'default' else 'static'})"] = \
                 recall_at(r, queries, relevant, m)
     # encode speed: passages/s of each encoder on the same KB passages (in-process, after warm-up)
-    from medrwr.retrieval.dense import load_text_encoder
+    from medrwr.retrieval.encoders.text import load_text_encoder
 
     sample = [f"{d.title}\n{d.text}" for d in list(eval_docs.values())[:: max(1, len(eval_docs) // 2000)][:2000]]
     speed = {}

@@ -54,7 +54,7 @@ K = 3
 
 def _corpus(n: int):
     """A deterministic, source-balanced subset of the shipped default KB (real medical passages)."""
-    from medrwr.retrieval.kb import iter_default_kb_documents
+    from medrwr.kb.default import iter_default_kb_documents
 
     docs = list(iter_default_kb_documents())
     step = max(1, len(docs) // n)
@@ -70,7 +70,7 @@ def _queries(all_docs, n: int = 512, seed: int = 0) -> list[str]:
 
 
 def build_or_reuse_index(n: int) -> tuple[Path, list[str]]:
-    from medrwr.retrieval.hybrid import build_index
+    from medrwr.retrieval.index.hybrid import build_index
 
     path = CACHE / f"kb-subset-{n}-minilm"
     docs, all_docs = _corpus(n)
@@ -98,7 +98,7 @@ def in_process(index: Path, queries: list[str], mode: str, single: int) -> dict[
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     r = HybridRetriever.load(index)
 
@@ -129,7 +129,7 @@ def run_baseline_server(index: str, port: int, mode: str) -> None:
     """The reference design: one thread, one request at a time, each query encoded and searched alone."""
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     retriever = HybridRetriever.load(index)
     # Same OpenMP settings as a fresh thread (what our server's search thread and the in-process

@@ -6,9 +6,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-
-class MissingExtraError(ImportError):
-    """An optional dependency is not installed; the message names the extra that provides it."""
+from medrwr.errors import MissingExtraError  # noqa: F401 (re-exported)
 
 
 def is_available(module: str) -> bool:

@@ -11,8 +11,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medrwr.config import Config, ConfigError, load_config
+from medrwr.errors import CLIError, MedRwRError
 
 app = typer.Typer(
     name="medrwr",
@@ -31,14 +33,6 @@ err_console = Console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/).")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set retrieval.k=5 (repeatable).")
-
-
-class CLIError(Exception):
-    """A user-facing failure: printed without a traceback, exit code 1 (or ``code``)."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 def _config(config: Optional[str], overrides: Optional[List[str]]) -> Config:
@@ -82,16 +76,16 @@ def index_build(
     t0 = time.perf_counter()
     try:
         if corpus == "default":
-            from medrwr.retrieval.kb import build_default_kb
+            from medrwr.kb.default import build_default_kb
 
             path = build_default_kb(out, config=cfg.retrieval if (config or overrides) else None)
         else:
-            from medrwr.retrieval.corpus import read_corpus
-            from medrwr.retrieval.hybrid import build_index
+            from medrwr.retrieval.index.corpus import read_corpus
+            from medrwr.retrieval.index.hybrid import build_index
 
             docs = read_corpus(corpus, preset=preset)
             path = build_index(docs, out, config=cfg.retrieval)
-        from medrwr.retrieval.store import load_manifest
+        from medrwr.retrieval.index.store import load_manifest
 
         manifest = load_manifest(path, verify=False)
     except (ValueError, OSError, ImportError) as exc:
@@ -113,7 +107,7 @@ def index_info(
 
     from rich.table import Table
 
-    from medrwr.retrieval.store import IndexStoreError, load_manifest
+    from medrwr.retrieval.index.store import IndexStoreError, load_manifest
 
     try:
         m = load_manifest(path, verify="full" if verify else True)
@@ -181,14 +175,14 @@ def retrieve(
     try:
         if path is None:
             try:
-                from medrwr.retrieval.kb import ensure_default_index
+                from medrwr.kb.default import ensure_default_index
             except ImportError:
                 raise CLIError(
                     "no default knowledge base is available in this install; pass --index DIR "
                     "(build one with `medrwr index build --corpus FILE --out DIR`)"
                 ) from None
             path = str(ensure_default_index())
-        from medrwr.retrieval.hybrid import HybridRetriever
+        from medrwr.retrieval.index.hybrid import HybridRetriever
 
         retriever = HybridRetriever.load(path, config=rcfg if (config or overrides) else None)
         results = retriever.search(query, k=k, mode=mode)
@@ -252,7 +246,7 @@ def serve_retrieval(
         raise CLIError(f"--shards must be >= 1, got {shards}")
     if cfg.server.api_key_env and not os.environ.get(cfg.server.api_key_env):
         raise CLIError(f"--api-key-env {cfg.server.api_key_env}: that environment variable is empty or unset")
-    from medrwr.retrieval.server import PortInUse, serve
+    from medrwr.retrieval.service.server import PortInUse, serve
 
     def ready(url: str) -> None:
         auth = f", bearer key from ${cfg.server.api_key_env}" if cfg.server.api_key_env else ""
@@ -264,7 +258,7 @@ def serve_retrieval(
     log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
     try:
         if ray:
-            from medrwr.retrieval.distributed import serve_sharded
+            from medrwr.retrieval.service.sharding import serve_sharded
 
             serve_sharded(index_path, shards, config=cfg, on_ready=ready, log_level=log_level)
         else:
@@ -368,9 +362,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit code instead of raising SystemExit."""
     try:
         app(args=argv if argv is not None else sys.argv[1:], prog_name="medrwr")
-    except CLIError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        return exc.code
+    except MedRwRError as exc:  # every deliberate error: one line, the class's exit code, no traceback
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
     except SystemExit as exc:  # click exits with the command's code (usage errors: 2)
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

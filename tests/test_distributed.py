@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("bm25s")
 pytest.importorskip("faiss")
 
-from medrwr.retrieval.corpus import Document
-from medrwr.retrieval.distributed import (
+from medrwr.retrieval.index.corpus import Document
+from medrwr.retrieval.service.sharding import (
     IndexShard,
     ShardedRetriever,
     merge_rankings,
@@ -70,7 +70,7 @@ def make_corpus() -> list[Document]:
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory) -> Path:
-    from medrwr.retrieval.hybrid import build_index
+    from medrwr.retrieval.index.hybrid import build_index
 
     path = tmp_path_factory.getbasetemp() / "medrwr-test-distributed-index"
     if (path / "manifest.json").is_file():
@@ -80,7 +80,7 @@ def index_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def unsharded(index_dir):
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     return HybridRetriever.load(index_dir)
 
@@ -117,7 +117,7 @@ def test_merge_rankings_is_global_top_by_score():
 
 
 def test_shards_are_valid_indexes_with_global_bm25_statistics(index_dir, shard_dirs, unsharded):
-    from medrwr.retrieval.hybrid import HybridRetriever, build_index
+    from medrwr.retrieval.index.hybrid import HybridRetriever, build_index
 
     dirs = shard_dirs[3]
     shards = [HybridRetriever.load(d) for d in dirs]  # checksums and counts verified on load
@@ -189,7 +189,7 @@ def test_ray_serve_two_shards_equal_unsharded(shard_dirs, unsharded):
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'medrwr[ray]'")
     from ray import serve
 
-    from medrwr.retrieval.distributed import deploy
+    from medrwr.retrieval.service.sharding import deploy
 
     # Keep every Ray service on loopback: tests send no traffic to any other address.
     ray.init(address="local", include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False,
@@ -216,8 +216,8 @@ def _check_http_front(retriever, unsharded) -> None:
     import httpx
 
     from medrwr.config import ServerConfig
-    from medrwr.retrieval.client import RetrievalClient
-    from medrwr.retrieval.server import bind_socket, create_app, make_uvicorn_server
+    from medrwr.retrieval.service.client import RetrievalClient
+    from medrwr.retrieval.service.server import bind_socket, create_app, make_uvicorn_server
 
     cfg = ServerConfig()
     sock = bind_socket("127.0.0.1", 0)

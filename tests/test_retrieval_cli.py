@@ -140,7 +140,7 @@ def test_retrieve_dense_json(dense_index, capsys):
 
 
 def test_retrieve_uses_default_kb_when_no_index(sparse_index, monkeypatch, capsys):
-    from medrwr.retrieval import kb
+    from medrwr.kb import default as kb
 
     monkeypatch.setattr(kb, "ensure_default_index", lambda *a, **kw: sparse_index)
     assert main(["retrieve", "appendix", "--mode", "bm25", "--json"]) == 0

@@ -23,7 +23,7 @@ from medrwr.retrieval.base import (
     RetrievalTimeout,
     RetrievalUnavailable,
 )
-from medrwr.retrieval.client import (
+from medrwr.retrieval.service.client import (
     AsyncRetrievalClient,
     RetrievalClient,
     RetrievalRequestError,

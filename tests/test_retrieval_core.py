@@ -13,9 +13,9 @@ import pytest
 
 from medrwr.config import RetrievalConfig
 from medrwr.retrieval.base import Hit, Retriever
-from medrwr.retrieval.bm25 import BM25Index
-from medrwr.retrieval.corpus import Document
-from medrwr.retrieval.hybrid import HybridRetriever, build_index, rrf_fuse
+from medrwr.retrieval.index.bm25 import BM25Index
+from medrwr.retrieval.index.corpus import Document
+from medrwr.retrieval.index.hybrid import HybridRetriever, build_index, rrf_fuse
 
 FACTS = [
     (
@@ -127,7 +127,7 @@ def _docs() -> list[Document]:
 
 @pytest.fixture(scope="session")
 def encoder():
-    from medrwr.retrieval.dense import load_text_encoder
+    from medrwr.retrieval.encoders.text import load_text_encoder
 
     return load_text_encoder("default", device="cpu")
 
@@ -255,9 +255,9 @@ def test_bm25_batched_equals_single_and_k_is_clipped(tmp_path):
 
 
 def test_packaged_encoder_is_normalised_and_offline(encoder):
-    from medrwr.retrieval.dense import default_encoder_path
+    from medrwr.assets import minilm_dir
 
-    assert default_encoder_path().joinpath("model.safetensors").is_file()
+    assert minilm_dir().joinpath("model.safetensors").is_file()
     v = encoder.encode(["chest pain", "heart attack", "fractured femur"])
     assert v.shape == (3, 384) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
@@ -265,7 +265,8 @@ def test_packaged_encoder_is_normalised_and_offline(encoder):
 
 
 def test_unknown_encoder_offline_is_a_clear_error():
-    from medrwr.retrieval.dense import EncoderError, load_text_encoder
+    from medrwr.errors import EncoderError
+    from medrwr.retrieval.encoders.text import load_text_encoder
 
     with pytest.raises(EncoderError, match=r"'nobody/no-such-encoder'.*network"):
         load_text_encoder("nobody/no-such-encoder")
@@ -274,7 +275,7 @@ def test_unknown_encoder_offline_is_a_clear_error():
 
 
 def test_encode_to_memmap(tmp_path, encoder):
-    from medrwr.retrieval.dense import encode_to_memmap
+    from medrwr.retrieval.encoders.text import encode_to_memmap
 
     texts = [f"{t}. {x}" for t, x in FACTS[:20]]
     path = tmp_path / "emb.npy"
@@ -291,7 +292,7 @@ def test_encode_to_memmap(tmp_path, encoder):
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_faiss_kinds_agree_on_a_small_corpus(tmp_path, encoder, kind):
-    from medrwr.retrieval.dense import DenseIndex
+    from medrwr.retrieval.index.dense import DenseIndex
 
     vecs = encoder.encode([x for _, x in FACTS])
     q = encoder.encode(["heart attack", "sugar and insulin"])
@@ -432,8 +433,8 @@ def test_no_pickle_anywhere(index_dir):
 def test_docstring_examples_run():
     import doctest
 
-    import medrwr.retrieval.corpus as corpus_mod
-    import medrwr.retrieval.hybrid as hybrid_mod
+    import medrwr.retrieval.index.corpus as corpus_mod
+    import medrwr.retrieval.index.hybrid as hybrid_mod
 
     for mod in (corpus_mod, hybrid_mod):
         result = doctest.testmod(mod)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medrwr.retrieval.corpus import (
+from medrwr.retrieval.index.corpus import (
     PRESETS,
     ColumnMapping,
     CorpusError,
@@ -219,9 +219,9 @@ def test_chunk_words_with_overlap():
 def test_chunk_tokens_with_a_real_tokenizer():
     from transformers import AutoTokenizer
 
-    from medrwr.retrieval.dense import default_encoder_path
+    from medrwr.assets import minilm_dir
 
-    tok = AutoTokenizer.from_pretrained(str(default_encoder_path()))
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
     text = "Pulmonary embolism presents with sudden dyspnea, pleuritic chest pain and tachycardia in adults."
     doc = Document("pe", "PE", text, "")
     ids = tok.encode(text, add_special_tokens=False)

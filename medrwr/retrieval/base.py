@@ -10,6 +10,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
+from medrwr.errors import BadRetrievalResponse, RetrievalError, RetrievalTimeout, RetrievalUnavailable  # noqa: F401 (re-exported)
+
 SearchMode = Literal["bm25", "dense", "hybrid"]
 SEARCH_MODES: tuple[str, ...] = ("bm25", "dense", "hybrid")
 
@@ -92,32 +94,6 @@ class ImageRetriever(Protocol):
     """Batched image-to-(image, report) retrieval; ``images`` are PIL images, paths or raw bytes."""
 
     def search_images(self, images: Sequence[Any], k: int = 1) -> list[list[ImageHit]]: ...
-
-
-class RetrievalError(RuntimeError):
-    """Base of retrieval failures. Carries the query batch that failed.
-
-    RetrievalError
-     ├── RetrievalUnavailable   the backend cannot be reached (server down, index missing)
-     ├── RetrievalTimeout       the backend did not answer in time
-     └── BadRetrievalResponse   the backend answered something we cannot use
-    """
-
-    def __init__(self, message: str, queries: Sequence[str] | None = None):
-        super().__init__(message)
-        self.queries = list(queries or [])
-
-
-class RetrievalUnavailable(RetrievalError):
-    pass
-
-
-class RetrievalTimeout(RetrievalError):
-    pass
-
-
-class BadRetrievalResponse(RetrievalError):
-    pass
 
 
 class FakeRetriever:

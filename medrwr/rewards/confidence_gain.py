@@ -284,7 +284,8 @@ class ConfidenceGainReward:
     # ------------------------------------------------------------------------------------------ forward
 
     def _pixel_inputs(self, images: list[Any], n_placeholders: int) -> dict[str, Any]:
-        from medrwr.retrieval.images import ImageLoadError, load_image
+        from medrwr.errors import ImageLoadError
+        from medrwr.retrieval.image_io import load_image
 
         if self.image_processor is None:
             raise ValueError(

@@ -42,6 +42,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from medrwr.assets import cache_root
+
 logger = logging.getLogger(__name__)
 
 LEXICON_FORMAT = "medrwr-lexicon"
@@ -558,17 +560,8 @@ def build_lexicon() -> Lexicon:
     return lex
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("MEDRWR_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("medrwr"))
-
-
 def lexicon_cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir) if cache_dir is not None else _cache_root() / "lexicon"
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "lexicon"
     return root / f"medical-lexicon-v{LEXICON_VERSION}.json"
 
 

@@ -19,7 +19,7 @@ effectively 0.)
 
 **Image**, σq_img ∈ [-1, 1]: the mean, over the sample's images and queries, of the cosine between the image
 embedding and the query-text embedding, from a joint image–text encoder
-(:func:`medrwr.retrieval.images.load_image_encoder`: ``hf:<CLIP folder or hub id>``,
+(:func:`medrwr.retrieval.encoders.image.load_image_encoder`: ``hf:<CLIP folder or hub id>``,
 ``open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` as in the paper). 0 when no query
 or no image. Without a joint encoder (none configured, or an image-only one such as ``pixel-stats``) the term
 is 0.0 for every sample and a warning says so once -- it never pretends. Images come from the ``images``
@@ -250,7 +250,7 @@ def _as_list(x: Any) -> list:
 
 
 class _QueryImageReward:
-    """σq_img through an :class:`~medrwr.retrieval.images.ImageEncoder` (see the module docstring)."""
+    """σq_img through an :class:`~medrwr.retrieval.encoders.image.ImageEncoder` (see the module docstring)."""
 
     __name__ = "query_semantic_image_reward"
 
@@ -282,7 +282,7 @@ class _QueryImageReward:
     @property
     def encoder(self):
         if self._encoder is None and self._spec is not None:
-            from medrwr.retrieval.images import load_image_encoder
+            from medrwr.retrieval.encoders.image import load_image_encoder
 
             self._encoder = load_image_encoder(self._spec)
         return self._encoder
@@ -304,7 +304,8 @@ class _QueryImageReward:
         return None
 
     def _embed_images(self, keyed: dict[str, Any]) -> dict[str, np.ndarray | None]:
-        from medrwr.retrieval.images import ImageLoadError, load_image
+        from medrwr.errors import ImageLoadError
+        from medrwr.retrieval.image_io import load_image
 
         out: dict[str, np.ndarray | None] = {}
         todo_keys, todo_imgs = [], []

@@ -47,6 +47,7 @@ from typing import Any
 
 from medrwr import protocol
 from medrwr.config import CDIRConfig, RolloutConfig
+from medrwr.errors import RolloutDriftError  # noqa: F401 (re-exported)
 from medrwr.retrieval.base import (
     Hit,
     ImageRetriever,
@@ -78,14 +79,10 @@ __all__ = [
 ]
 
 
-class RolloutDriftError(AssertionError):
-    """The ids fed to a turn do not extend the previous turn's ids exactly. Always a bug in our code."""
-
-
 def load_image(image: Any, max_pixels: int | None = None) -> Any:
-    """A PIL RGB image (PIL image, path, DICOM or bytes; see ``retrieval.images.load_image``), downscaled to at
+    """A PIL RGB image (PIL image, path, DICOM or bytes; see ``retrieval.image_io.load_image``), downscaled to at
     most ``max_pixels`` with its aspect kept."""
-    from medrwr.retrieval.images import load_image as open_image
+    from medrwr.retrieval.image_io import load_image as open_image
 
     img = open_image(image)
     if max_pixels and img.width * img.height > max_pixels:
@@ -684,21 +681,21 @@ def _water_fill(lengths: Sequence[int], room: int) -> list[int]:
 def build_retriever(retrieval: Any) -> Retriever:
     """The knowledge-base retriever a config names: a server URL, an index folder, or the shipped default KB."""
     if retrieval.url:
-        from medrwr.retrieval.client import RetrievalClient
+        from medrwr.retrieval.service.client import RetrievalClient
 
         return RetrievalClient(retrieval.url, mode=retrieval.mode)
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     if retrieval.index:
         return HybridRetriever.load(retrieval.index)
-    from medrwr.retrieval.kb import ensure_default_index
+    from medrwr.kb.default import ensure_default_index
 
     return HybridRetriever.load(ensure_default_index())
 
 
 def build_image_retriever(cdir: CDIRConfig) -> ImageRetriever:
     """The CDIR image index a config names, or the demo index built from packaged sample images."""
-    from medrwr.retrieval.images import (
+    from medrwr.retrieval.index.images import (
         ImageIndex,
         build_demo_image_index,
         default_demo_image_index_path,

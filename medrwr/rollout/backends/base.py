@@ -27,11 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from medrwr.errors import BackendError  # noqa: F401 (re-exported)
+
 FinishReason = Literal["stop", "eos", "length"]
-
-
-class BackendError(RuntimeError):
-    """The backend cannot do what was asked (bad input, missing capability); the message says what to do."""
 
 
 @dataclass

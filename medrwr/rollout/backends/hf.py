@@ -465,7 +465,7 @@ def load_hf_policy(
         torch = _torch()
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if name_or_path is None:
-        from medrwr.testing import smollm2_gguf_path
+        from medrwr.assets import smollm2_gguf_path
 
         name_or_path = smollm2_gguf_path()
     path = Path(name_or_path).expanduser()

@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from medrwr.config import ServerConfig
+from medrwr.errors import PortInUse  # noqa: F401 (re-exported)
 from medrwr.retrieval.base import SEARCH_MODES, Hit, ImageHit
 
 logger = logging.getLogger(__name__)
@@ -961,10 +962,6 @@ async def _image_request(request: Any, config: ServerConfig) -> tuple[list[bytes
 # ========================================================================================== running
 
 
-class PortInUse(OSError):
-    """The requested host:port is taken."""
-
-
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves so a taken port is a clear error (and port 0 works)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1028,7 +1025,7 @@ def serve(
         if image_retriever is None:
             image_index = image_index or full.cdir.image_index
             if image_index:
-                from medrwr.retrieval.images import ImageIndex
+                from medrwr.retrieval.index.images import ImageIndex
 
                 image_retriever = ImageIndex.load(image_index)
         if callable(getattr(retriever, "warmup", None)):
@@ -1048,10 +1045,10 @@ def serve(
 
 def load_retriever(index_path: str | os.PathLike | None, config: Any = None) -> Any:
     """The in-process hybrid retriever for ``index_path`` (None: the shipped default KB)."""
-    from medrwr.retrieval.hybrid import HybridRetriever
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     if index_path is None:
-        from medrwr.retrieval.kb import ensure_default_index
+        from medrwr.kb.default import ensure_default_index
 
         index_path = ensure_default_index()
     path = Path(index_path).expanduser()

@@ -34,6 +34,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from medrwr.errors import RetrievalRequestError  # noqa: F401 (re-exported)
 from medrwr.retrieval.base import (
     BadRetrievalResponse,
     Hit,
@@ -48,17 +49,6 @@ from medrwr.retrieval.base import (
 logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = (429, 502, 503, 504)
-
-
-class RetrievalRequestError(RetrievalError):
-    """The server answered 4xx: the request itself is wrong (or the API key is)."""
-
-    def __init__(
-        self, message: str, queries: Sequence[str] | None = None, status: int = 400, code: str | None = None
-    ):
-        super().__init__(message, queries)
-        self.status = status
-        self.code = code
 
 
 @dataclass(frozen=True)

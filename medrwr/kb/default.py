@@ -14,7 +14,7 @@ extension ("right femur, initial encounter"), which makes ~75k near-duplicate pa
 top-k; aggregating their titles and inclusion terms into the 4-character passage (up to 40 terms /
 160 words per passage, after de-duplication) keeps them searchable in ~12k passages.
 
-The index is built with the static MiniLM encoder (:mod:`medrwr.retrieval.static`), so a fresh
+The index is built with the static MiniLM encoder (:mod:`medrwr.retrieval.encoders.static`), so a fresh
 machine has it in about a minute on 2 cores; later starts only load it. Concurrent first use is
 safe: builders take a file lock, and the index directory appears by an atomic rename.
 
@@ -34,9 +34,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from medrwr._imports import MissingExtraError
-from medrwr.retrieval.corpus import Document
-from medrwr.retrieval.static import cache_root
+from medrwr.assets import cache_root
+from medrwr.errors import KnowledgeBaseError  # noqa: F401 (re-exported)
+from medrwr.retrieval.index.corpus import Document
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ ATTRIBUTION: dict[str, dict[str, str]] = {
 
 _MAX_SYNONYMS = 25
 _MAX_CHILD_TERMS = 40
-
-
-class KnowledgeBaseError(MissingExtraError):
-    """A knowledge source package is missing; the message names the package to install."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -406,7 +402,7 @@ def default_index_path() -> Path:
 
 def _is_ready(path: Path, sources: Sequence[str] | None = None, limit: int | None = None) -> bool:
     """True when ``path`` holds a finished default-KB index of this version with these sources/subset."""
-    from medrwr.retrieval.store import IndexStoreError, load_manifest
+    from medrwr.retrieval.index.store import IndexStoreError, load_manifest
 
     try:
         manifest = load_manifest(path, verify=False)
@@ -426,7 +422,7 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
                      config: Any = None) -> Path:
     """Build the default KB (or a subset of its sources / its first ``limit`` passages per source) at ``out_dir``."""
     from medrwr.config import RetrievalConfig
-    from medrwr.retrieval.hybrid import build_index
+    from medrwr.retrieval.index.hybrid import build_index
 
     chosen = list(SOURCES if sources is None else sources)
     iter_default_kb_documents(chosen)  # raises on unknown source names before the encoder loads
@@ -440,7 +436,7 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
         encoder = config.encoder  # an encoder named in the config (--set retrieval.encoder=...) wins
     enc_name = encoder if isinstance(encoder, str) else getattr(encoder, "name", DEFAULT_ENCODER)
     if isinstance(encoder, str) and encoder == DEFAULT_ENCODER:
-        from medrwr.retrieval.static import load_static_encoder
+        from medrwr.retrieval.encoders.static import load_static_encoder
 
         encoder = load_static_encoder(progress=progress)
     # The manifest's build config records the encoder actually used.
@@ -476,8 +472,8 @@ def ensure_default_index(progress: bool = True, rebuild: bool = False, path: str
 def build_medrwr_kb(tsv_path: str | Path, out_dir: str | Path, encoder: Any = "default",
                     config: Any = None, show_progress: bool = True) -> Path:
     """Index the Med-RwR released ``knowledge_base.tsv`` (ExpKB; columns id + text)."""
-    from medrwr.retrieval.corpus import read_corpus
-    from medrwr.retrieval.hybrid import build_index
+    from medrwr.retrieval.index.corpus import read_corpus
+    from medrwr.retrieval.index.hybrid import build_index
 
     docs = read_corpus(tsv_path, preset="medrwr", source="Med-RwR ExpKB")
     extra = {"knowledge_base": "Med-RwR ExpKB", "kb_file": str(Path(tsv_path).name)}
@@ -488,8 +484,8 @@ def build_medrwr_kb(tsv_path: str | Path, out_dir: str | Path, encoder: Any = "d
 def build_medrag_corpus(path: str | Path, out_dir: str | Path, encoder: Any = "default",
                         config: Any = None, show_progress: bool = True, source: str | None = None) -> Path:
     """Index a MedRAG corpus: one JSONL file or a folder of chunk files (``{"id","title","content"}``)."""
-    from medrwr.retrieval.corpus import is_corpus_file, read_corpus
-    from medrwr.retrieval.hybrid import build_index
+    from medrwr.retrieval.index.corpus import is_corpus_file, read_corpus
+    from medrwr.retrieval.index.hybrid import build_index
 
     p = Path(path)
     if p.is_dir():

@@ -1,6 +1,6 @@
 """Hybrid retrieval: BM25 + dense fused by reciprocal rank; the default text Retriever.
 
-:func:`build_index` streams documents once into an index directory (see :mod:`medrwr.retrieval.store`)
+:func:`build_index` streams documents once into an index directory (see :mod:`medrwr.retrieval.index.store`)
 and builds BM25 and, unless ``dense=False``, memory-mapped embeddings and a FAISS index, all inside
 an atomic temp directory. :class:`HybridRetriever` loads it and answers batches: one bm25s call and
 one encoder + FAISS call per batch, whatever its size.
@@ -24,8 +24,8 @@ import numpy as np
 
 from medrwr.config import RetrievalConfig
 from medrwr.retrieval.base import SEARCH_MODES, Hit, check_search_args
-from medrwr.retrieval.corpus import Document, chunk_documents
-from medrwr.retrieval.store import (
+from medrwr.retrieval.index.corpus import Document, chunk_documents
+from medrwr.retrieval.index.store import (
     DOCS_FILE,
     RESERVED_KEYS,
     DocStore,
@@ -138,7 +138,7 @@ class HybridRetriever:
         by default the config the index was built with. ``encoder`` overrides the one recorded in
         the manifest (its ``dim`` must match).
         """
-        from medrwr.retrieval.bm25 import BM25Index
+        from medrwr.retrieval.index.bm25 import BM25Index
 
         t0 = time.perf_counter()
         p = Path(path).expanduser()
@@ -150,7 +150,7 @@ class HybridRetriever:
             bm25 = BM25Index.load(p / BM25_DIR, n_threads=cfg.n_threads)
             dense = None
             if manifest.get("dense"):
-                from medrwr.retrieval.dense import DenseIndex
+                from medrwr.retrieval.index.dense import DenseIndex
 
                 dense = DenseIndex.load(p, nprobe=cfg.ivf_nprobe, ef_search=cfg.hnsw_ef_search)
                 dense.threads = cfg.n_threads
@@ -192,7 +192,7 @@ class HybridRetriever:
         if self._encoder is None:
             if self.dense is None:
                 raise ValueError(f"index {self.path} has no dense part; only mode 'bm25' is available")
-            from medrwr.retrieval.dense import load_index_encoder
+            from medrwr.retrieval.encoders.text import load_index_encoder
 
             with self._lock:
                 if self._encoder is None:
@@ -227,7 +227,7 @@ class HybridRetriever:
         return [(ids[i][scores[i] > 0], scores[i][scores[i] > 0]) for i in range(len(queries))]
 
     def _dense_rankings(self, queries: Sequence[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        from medrwr.retrieval.dense import encode_queries
+        from medrwr.retrieval.encoders.text import encode_queries
 
         qv = encode_queries(self.encoder, queries, batch_size=self.config.batch_size)
         scores, ids = self.dense.search(qv, depth)
@@ -308,12 +308,12 @@ def build_index(
     Streams ``documents`` once into the doc store (chunked when ``config.chunk_words`` > 0), then
     builds BM25 from the store and, when ``dense`` and ``config.dense``, encodes passages into a
     memory-mapped ``embeddings.npy`` and a FAISS index. ``encoder`` is a :class:`TextEncoder`, a
-    spec for :func:`~medrwr.retrieval.dense.load_text_encoder`, or None for ``config.encoder``.
+    spec for :func:`~medrwr.retrieval.encoders.text.load_text_encoder`, or None for ``config.encoder``.
     ``extra_manifest`` (e.g. attribution) is merged into ``manifest.json``.
     """
     from tqdm.auto import tqdm
 
-    from medrwr.retrieval.bm25 import BM25Index
+    from medrwr.retrieval.index.bm25 import BM25Index
 
     cfg = config or RetrievalConfig()
     use_dense = bool(dense and cfg.dense)
@@ -387,12 +387,8 @@ def build_index(
 def _build_dense(
     store: DocStore, tmp: Path, cfg: RetrievalConfig, encoder: Any | str | None, show_progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from medrwr.retrieval.dense import (
-        DenseIndex,
-        encode_to_memmap,
-        encoder_spec,
-        load_text_encoder,
-    )
+    from medrwr.retrieval.encoders.text import encode_to_memmap, encoder_spec, load_text_encoder
+    from medrwr.retrieval.index.dense import DenseIndex
 
     if encoder is None or isinstance(encoder, str):
         encoder = load_text_encoder(

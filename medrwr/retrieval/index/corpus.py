@@ -25,11 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from medrwr.errors import CorpusError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
-
-
-class CorpusError(ValueError):
-    """A corpus file cannot be read as documents; the message names the file, the line and the fix."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,177 @@
+"""Every error MedRwR raises on purpose, in one tree (as httpx's ``_exceptions.py`` draws its own).
+
+Each class also keeps the builtin base it had before the tree existed (``ConfigError`` is still a
+``ValueError``), so ``except ValueError`` in user code keeps working. The CLI catches
+:class:`MedRwRError` and prints its message on one line, exit code ``exit_code``.
+
+::
+
+    MedRwRError                         root; ``exit_code`` is what the CLI exits with (1 unless noted)
+     ├── ConfigError (ValueError)       a config file or override is wrong: key, value, source
+     ├── MissingExtraError (ImportError)  an optional dependency is absent; names the extra (exit 3)
+     │    └── KnowledgeBaseError        a knowledge-source package for the default KB is absent
+     ├── CorpusError (ValueError)       a corpus file cannot be read as documents
+     ├── IndexStoreError (ValueError)   an index directory is unusable
+     │    ├── IndexMissing              it or its manifest does not exist
+     │    ├── IndexCorrupt              a file is missing or fails its checksum
+     │    └── IndexVersionMismatch      written by an incompatible format version
+     ├── EncoderError (ValueError)      a text encoder cannot be loaded
+     ├── ImageIndexError (ValueError)   an image, image manifest or image index is unusable
+     │    └── ImageLoadError            an image cannot be opened or decoded
+     ├── RetrievalError (RuntimeError)  a search failed at run time; carries ``queries``
+     │    ├── RetrievalUnavailable      the backend cannot be reached (server down, index missing)
+     │    ├── RetrievalTimeout          the backend did not answer in time
+     │    ├── BadRetrievalResponse      the backend answered something unusable
+     │    └── RetrievalRequestError     the server answered 4xx (bad request or API key)
+     ├── ServiceError                  the retrieval / API service cannot start
+     │    └── PortInUse (OSError)       the requested host:port is taken
+     ├── BackendError (RuntimeError)    a policy backend cannot do what was asked
+     ├── RolloutDriftError (AssertionError)  token ids drifted between turns: always a bug in MedRwR
+     └── CLIError                       a user-facing command failure (``exit_code`` set per case)
+
+HTTP-level errors of the services (``APIError``) are answers, not exceptions that leave a server, and
+are documented with the service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class MedRwRError(Exception):
+    """Root of every deliberate MedRwR error; the message says what is wrong and what to do."""
+
+    exit_code: int = 1
+
+
+class ConfigError(MedRwRError, ValueError):
+    """A config file or override is wrong; the message names the key, the value and the source."""
+
+    exit_code = 2
+
+
+class MissingExtraError(MedRwRError, ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it."""
+
+    exit_code = 3
+
+
+class KnowledgeBaseError(MissingExtraError):
+    """A knowledge source package is missing; the message names the package to install."""
+
+
+class CorpusError(MedRwRError, ValueError):
+    """A corpus file cannot be read as documents; the message names the file, the line and the fix."""
+
+
+class IndexStoreError(MedRwRError, ValueError):
+    """Base of index-directory problems; the message says what is wrong and what to do."""
+
+
+class IndexMissing(IndexStoreError):
+    """The index directory or its manifest does not exist."""
+
+
+class IndexCorrupt(IndexStoreError):
+    """The manifest cannot be read, or a file is missing or does not match its checksum."""
+
+
+class IndexVersionMismatch(IndexStoreError):
+    """The index was written by an incompatible format version."""
+
+
+class EncoderError(MedRwRError, ValueError):
+    """A text encoder cannot be loaded; the message names the spec and what to do."""
+
+
+class ImageIndexError(MedRwRError, ValueError):
+    """An image, a manifest or an image index is unusable; the message says which and what to do."""
+
+
+class ImageLoadError(ImageIndexError):
+    """An image cannot be opened or decoded."""
+
+
+class RetrievalError(MedRwRError, RuntimeError):
+    """Base of run-time retrieval failures. Carries the query batch that failed.
+
+    Callers such as the rollout engine record these on the trace instead of crashing.
+    """
+
+    def __init__(self, message: str, queries: Sequence[str] | None = None):
+        super().__init__(message)
+        self.queries = list(queries or [])
+
+
+class RetrievalUnavailable(RetrievalError):
+    """The backend cannot be reached (server down, index missing)."""
+
+
+class RetrievalTimeout(RetrievalError):
+    """The backend did not answer in time."""
+
+
+class BadRetrievalResponse(RetrievalError):
+    """The backend answered something we cannot use."""
+
+
+class RetrievalRequestError(RetrievalError):
+    """The server answered 4xx: the request itself is wrong (or the API key is)."""
+
+    def __init__(
+        self, message: str, queries: Sequence[str] | None = None, status: int = 400, code: str | None = None
+    ):
+        super().__init__(message, queries)
+        self.status = status
+        self.code = code
+
+
+class ServiceError(MedRwRError):
+    """A service (retrieval server, API) cannot start; the message says why."""
+
+
+class PortInUse(ServiceError, OSError):
+    """The requested host:port is taken."""
+
+
+class BackendError(MedRwRError, RuntimeError):
+    """The backend cannot do what was asked (bad input, missing capability); the message says what to do."""
+
+
+class RolloutDriftError(MedRwRError, AssertionError):
+    """The ids fed to a turn do not extend the previous turn's ids exactly. Always a bug in our code."""
+
+
+class CLIError(MedRwRError):
+    """A user-facing command failure: printed without a traceback, exit code ``code`` (default 1)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+        self.exit_code = code
+
+
+__all__ = [
+    "BackendError",
+    "BadRetrievalResponse",
+    "CLIError",
+    "ConfigError",
+    "CorpusError",
+    "EncoderError",
+    "ImageIndexError",
+    "ImageLoadError",
+    "IndexCorrupt",
+    "IndexMissing",
+    "IndexStoreError",
+    "IndexVersionMismatch",
+    "KnowledgeBaseError",
+    "MedRwRError",
+    "MissingExtraError",
+    "PortInUse",
+    "RetrievalError",
+    "RetrievalRequestError",
+    "RetrievalTimeout",
+    "RetrievalUnavailable",
+    "RolloutDriftError",
+    "ServiceError",
+]

@@ -1,0 +1,1 @@
+"""The shipped default medical knowledge base: a data product built on the retrieval layer."""

@@ -1,0 +1,1 @@
+"""Encoders: text (sentence-transformers, static distilled), image (CLIP family, pixel statistics)."""

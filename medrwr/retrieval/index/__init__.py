@@ -1,0 +1,1 @@
+"""Index structures: corpus reading, the checksummed store, BM25, FAISS, hybrid search, the image index."""

@@ -1,0 +1,1 @@
+"""The retrieval service: HTTP server, clients, sharding (local threads or Ray Serve)."""
