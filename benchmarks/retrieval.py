@@ -146,30 +146,30 @@ def write_docs(docs, path: Path) -> int:
 def labeled_set(n_queries: int, seed: int = 0):
     """Held-out-synonym queries over HPO and MeSH (see the module docstring). Returns
     (queries, targets, heldout_docs) where heldout_docs maps doc_id -> the rebuilt passage."""
-    from medrwr.kb import default as kb
+    from medrwr.retrieval.index.corpus import Document
+    from medrwr.vocab.passages import name_key, passage
+    from medrwr.vocab.sources import concepts
 
     rng = random.Random(seed)
 
     def eligible(name: str, syns: list[str]) -> list[str]:
-        nk = set(kb._key(name))
+        nk = set(name_key(name))
         out = []
         for s in syns:
-            sk = set(kb._key(s))
+            sk = set(name_key(s))
             if len(s) >= 4 and sk and sk != nk and (sk - nk) and s.lower() != name.lower():
                 out.append(s)
         return out
 
     items = []
-    for t in kb.hpo_terms():
-        c = eligible(t["name"], t["synonyms"])
+    for t in concepts("HPO"):
+        c = eligible(t.name, t.synonym_texts)
         if c:
             items.append(("HPO", t, c))
     hpo_items = items
-    diseases = kb.mesh_diseases()
-    tree = kb._tree_names(diseases)
     mesh_items = []
-    for d in diseases:
-        c = eligible(d["name"], d["synonyms"])
+    for d in concepts("MeSH"):
+        c = eligible(d.name, d.synonym_texts)
         if c:
             mesh_items.append(("MeSH", d, c))
     half = n_queries // 2
@@ -177,10 +177,7 @@ def labeled_set(n_queries: int, seed: int = 0):
     queries, targets, heldout = [], [], {}
     for src, concept, cands in chosen:
         q = rng.choice(cands)
-        if src == "HPO":
-            doc = kb.hpo_document(concept, drop_synonyms=[q])
-        else:
-            doc = kb.mesh_document(concept, tree, drop_synonyms=[q])
+        doc = Document(concept.id, concept.name, passage(concept, drop_synonyms=[q]), source=src)
         queries.append(q)
         targets.append(doc.doc_id)
         heldout[doc.doc_id] = doc
@@ -188,9 +185,9 @@ def labeled_set(n_queries: int, seed: int = 0):
 
 
 def _norm_title(t: str) -> tuple[str, ...]:
-    from medrwr.kb.default import _key
+    from medrwr.vocab.passages import name_key
 
-    return _key(t)
+    return name_key(t)
 
 
 def relevant_sets(targets: list[str], docs_by_id: dict[str, Any]) -> list[set[str]]:

@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         length_reward,
     )
     from medrwr.rewards import entities as E
+    from medrwr.rewards import entities_lexicon as L
     from medrwr.rewards.confidence_gain import ConfidenceGainReward
     from medrwr.rewards.query_semantic import get_query_semantic_text_reward
 
@@ -303,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     per_k = 1000.0 / n_traces
 
     t0 = time.perf_counter()
-    lex = E.build_lexicon()
+    lex = L.build_lexicon()
     build_s = time.perf_counter() - t0
-    E._LEXICONS.clear()
-    load_s = _time(lambda: (E._LEXICONS.clear(), E.load_lexicon()), 1)
+    L._LEXICONS.clear()
+    load_s = _time(lambda: (L._LEXICONS.clear(), L.load_lexicon()), 1)
     extractor = E.LexiconEntityExtractor(lex)
     extractor.lexicon_match = lambda texts: [lex.match(t) for t in texts]  # naive: no memo, no de-duplication
     text_reward = get_query_semantic_text_reward(E.LexiconEntityExtractor(lex))

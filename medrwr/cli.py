@@ -158,36 +158,30 @@ def retrieve(
     config: Optional[str] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Search the knowledge base."""
+    """Search the knowledge base (an index, the default KB, or a server with --set retrieval.url=URL)."""
     import json
 
     from medrwr.retrieval.base import SEARCH_MODES
 
     cfg = _config(config, overrides)
     rcfg = cfg.retrieval
-    mode = mode or rcfg.mode
-    if mode not in SEARCH_MODES:
+    if mode is not None and mode not in SEARCH_MODES:
         raise CLIError(f"unknown mode {mode!r}; choose one of {', '.join(SEARCH_MODES)}")
     k = rcfg.k if k is None else k
     if k < 1:
         raise CLIError(f"-k must be >= 1, got {k}")
-    path = index or rcfg.index
-    try:
-        if path is None:
-            try:
-                from medrwr.kb.default import ensure_default_index
-            except ImportError:
-                raise CLIError(
-                    "no default knowledge base is available in this install; pass --index DIR "
-                    "(build one with `medrwr index build --corpus FILE --out DIR`)"
-                ) from None
-            path = str(ensure_default_index())
-        from medrwr.retrieval.index.hybrid import HybridRetriever
+    if index:
+        rcfg.index = index
+    from medrwr.retrieval.open import open_retriever
 
-        retriever = HybridRetriever.load(path, config=rcfg if (config or overrides) else None)
-        results = retriever.search(query, k=k, mode=mode)
+    try:
+        with open_retriever(cfg) as retriever:
+            results = retriever.search(query, k=k, mode=mode)
+            mode = mode or retriever.default_mode
+            about = retriever.describe()
     except (ValueError, OSError, ImportError) as exc:
         raise CLIError(str(exc)) from None
+    path = about.get("path") or about.get("url")
     if as_json:
         payload = {
             "index": str(path),
@@ -200,7 +194,7 @@ def retrieve(
     from rich.table import Table
 
     for q, hits in zip(query, results):
-        table = Table(title=f"{q!r}  ({mode}, k={k}, {retriever.doc_count} documents)", expand=True)
+        table = Table(title=f"{q!r}  ({mode}, k={k}, {about['doc_count']} documents)", expand=True)
         table.add_column("#", justify="right", no_wrap=True)
         table.add_column("score", justify="right", no_wrap=True)
         table.add_column("source", no_wrap=True)
@@ -236,8 +230,10 @@ def serve_retrieval(
         cfg.server = dataclasses.replace(cfg.server, **changes)
     except ConfigError as exc:
         raise CLIError(f"bad option: {exc}") from None
-    index_path = index or cfg.retrieval.index
-    if index_path is not None and not Path(index_path).expanduser().exists():
+    if index:
+        cfg.retrieval.index = index
+    index_path = cfg.retrieval.index
+    if index_path is not None and not cfg.retrieval.url and not Path(index_path).expanduser().exists():
         raise CLIError(
             f"index directory {index_path} does not exist; build one with "
             f"`medrwr index build --corpus PATH --out {index_path}` (or omit --index for the shipped KB)"
@@ -246,7 +242,8 @@ def serve_retrieval(
         raise CLIError(f"--shards must be >= 1, got {shards}")
     if cfg.server.api_key_env and not os.environ.get(cfg.server.api_key_env):
         raise CLIError(f"--api-key-env {cfg.server.api_key_env}: that environment variable is empty or unset")
-    from medrwr.retrieval.service.server import PortInUse, serve
+    from medrwr.errors import PortInUse
+    from medrwr.retrieval.service.server import serve
 
     def ready(url: str) -> None:
         auth = f", bearer key from ${cfg.server.api_key_env}" if cfg.server.api_key_env else ""
@@ -257,12 +254,7 @@ def serve_retrieval(
 
     log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
     try:
-        if ray:
-            from medrwr.retrieval.service.sharding import serve_sharded
-
-            serve_sharded(index_path, shards, config=cfg, on_ready=ready, log_level=log_level)
-        else:
-            serve(index_path, config=cfg, on_ready=ready, log_level=log_level)
+        serve(cfg, shards=shards if ray else 1, ray=ray, on_ready=ready, log_level=log_level)
     except PortInUse as exc:
         raise CLIError(str(exc)) from None
     except (FileNotFoundError, ValueError, ImportError) as exc:
@@ -363,7 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         app(args=argv if argv is not None else sys.argv[1:], prog_name="medrwr")
     except MedRwRError as exc:  # every deliberate error: one line, the class's exit code, no traceback
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except SystemExit as exc:  # click exits with the command's code (usage errors: 2)
         code = exc.code

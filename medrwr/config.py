@@ -1,6 +1,8 @@
 """One config system for every command: YAML files mapped onto typed dataclasses, plus ``--set`` overrides.
 
 Precedence (lowest first): the dataclass defaults, the YAML file, ``--set section.key=value`` flags.
+For an index's search settings (mode, rrf_k, weights, fusion_depth, ...) the index manifest's stored
+``build_config`` sits above the defaults: manifest < YAML < ``--set`` (:meth:`RetrievalConfig.layered_on`).
 Unknown keys and wrong types are errors naming the key and the file. Each section validates its own
 values in ``__post_init__`` and says how to fix a bad one.
 
@@ -12,6 +14,8 @@ values in ``__post_init__`` and says how to fix a bad one.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import types
 import typing
@@ -80,6 +84,9 @@ class RetrievalConfig:
     """Candidates taken from each retriever before RRF fusion and de-duplication."""
     n_threads: int = 0
     """FAISS OpenMP threads for search (0 = one: batches go through BLAS; -1 = all CPUs)."""
+    explicit: tuple[str, ...] | None = field(default=None, repr=False, compare=False, metadata={"loader": True})
+    """The keys the user set (YAML or ``--set``), recorded by :func:`load_config`; not a setting itself.
+    None (built in code): the keys whose value differs from the default count as set."""
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, f"retrieval.k must be >= 1, got {self.k}")
@@ -94,6 +101,40 @@ class RetrievalConfig:
             f"retrieval.chunk_overlap must be in [0, chunk_words), got {self.chunk_overlap}",
         )
         _check(self.bm25_weight >= 0 and self.dense_weight >= 0, "retrieval weights must be >= 0")
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting as a JSON-able dict (what an index manifest stores as ``build_config``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("loader")}
+
+    def explicit_keys(self) -> frozenset[str]:
+        """The settings the user chose (see :attr:`explicit`)."""
+        if self.explicit is not None:
+            return frozenset(self.explicit)
+        default = RetrievalConfig()
+        return frozenset(k for k, v in self.settings().items() if getattr(default, k) != v)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any] | None) -> RetrievalConfig:
+        """Settings saved in an index manifest; keys this version does not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("loader")}
+        try:
+            return cls(**{k: v for k, v in (stored or {}).items() if k in names})
+        except (TypeError, ValueError):
+            logging.getLogger(__name__).warning(
+                "index build_config is not a valid RetrievalConfig; using defaults for search settings"
+            )
+            return cls()
+
+    def layered_on(self, stored: dict[str, Any] | None) -> RetrievalConfig:
+        """The one precedence rule for search settings: ``stored`` (an index manifest's build_config)
+        < this config's explicitly set keys (YAML < ``--set``, merged by :func:`load_config`)."""
+        base = RetrievalConfig.from_stored(stored).settings()
+        mine = self.settings()
+        chosen = self.explicit_keys()
+        base.update({k: v for k, v in mine.items() if k in chosen})
+        for key in ("index", "url"):  # where to search, never a stored setting
+            base[key] = mine[key]
+        return RetrievalConfig(**base, explicit=tuple(sorted(chosen)))
 
 
 @dataclass
@@ -127,7 +168,7 @@ class ServerConfig:
 
 @dataclass
 class RolloutConfig:
-    """The reason-query-retrieve loop (METHOD.md §1)."""
+    """The reason-query-retrieve loop (docs/method.md §1)."""
 
     max_rounds: int = 3
     """Maximum retrievals per rollout."""
@@ -138,7 +179,7 @@ class RolloutConfig:
     max_inserted_tokens: int = 512
     """Budget of one retrieve block; documents are truncated, never the model's text."""
     temperature: float = 0.0
-    """0 = greedy: the default for ``ask``, evaluation and serving. Training sets 1.0 (METHOD.md §3, configs/stage*.yaml)."""
+    """0 = greedy: the default for ``ask``, evaluation and serving. Training sets 1.0 (docs/method.md §3, configs/stage*.yaml)."""
     top_p: float = 1.0
     max_image_pixels: int = 262_144
     retrieval_timeout_s: float = 60.0
@@ -161,7 +202,7 @@ class RolloutConfig:
 
 @dataclass
 class CDIRConfig:
-    """Confidence-driven image re-retrieval (METHOD.md §5)."""
+    """Confidence-driven image re-retrieval (docs/method.md §5)."""
 
     enabled: bool = False
     threshold: float = 0.8
@@ -176,11 +217,16 @@ class CDIRConfig:
 
 @dataclass
 class RewardConfig:
-    """Reward weights (METHOD.md §2): total = format + 5 accuracy + 0.4 query + 5 confidence gain."""
+    """Reward weights and options (docs/method.md, "Rewards"): total = format + 5 accuracy + 0.4 query + 5 conf.
+
+    Each ``*_weight`` field weights the registry's rewards that name it (``medrwr.rewards.registry``);
+    a test keeps the two in step.
+    """
 
     format_weight: float = 1.0
     accuracy_weight: float = 5.0
     query_weight: float = 0.4
+    """Weights both query-semantic terms, text and image."""
     confidence_weight: float = 5.0
     length_weight: float = 0.0
     """The reference code's length penalty; off by default."""
@@ -191,6 +237,19 @@ class RewardConfig:
     entity_extractor: Literal["lexicon", "scispacy"] = "lexicon"
     confidence_batch_size: int = 8
     """Sequences per forward pass of the confidence-gain reward's extra ("without retrieval") pass."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_weight"):
+                w = getattr(self, f.name)
+                _check(
+                    isinstance(w, (int, float)) and math.isfinite(w),
+                    f"rewards.{f.name} must be a finite number, got {w!r}",
+                )
+        _check(
+            self.confidence_batch_size >= 1,
+            f"rewards.confidence_batch_size must be >= 1, got {self.confidence_batch_size}",
+        )
 
 
 @dataclass
@@ -206,7 +265,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Two-stage GRPO (METHOD.md §3)."""
+    """Two-stage GRPO (docs/method.md §3)."""
 
     stage: int = 1
     output_dir: str = "runs/medrwr"
@@ -319,6 +378,8 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types by name."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    loader_only = {f.name for f in dataclasses.fields(cls) if f.metadata.get("loader")}  # type: ignore[arg-type]
+    names -= loader_only
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -380,13 +441,21 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults < YAML file < ``--set`` overrides, as one typed :class:`Config`."""
+    """Defaults < YAML file < ``--set`` overrides, as one typed :class:`Config`.
+
+    The retrieval keys the YAML file or the overrides set are recorded in ``retrieval.explicit``:
+    an index's stored settings sit between the defaults and those keys
+    (:meth:`RetrievalConfig.layered_on`).
+    """
     data = read_yaml(path) if path else {}
     source = str(path) if path else "<defaults>"
     if overrides:
         apply_overrides(data, overrides)
         source = f"{source} + --set overrides" if path else "--set overrides"
-    return from_dict(Config, data, source=source)
+    cfg = from_dict(Config, data, source=source)
+    section = data.get("retrieval")
+    cfg.retrieval.explicit = tuple(sorted(section)) if isinstance(section, dict) else ()
+    return cfg
 
 
 __all__ = [

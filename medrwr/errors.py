@@ -10,6 +10,7 @@ Each class also keeps the builtin base it had before the tree existed (``ConfigE
      ├── ConfigError (ValueError)       a config file or override is wrong: key, value, source
      ├── MissingExtraError (ImportError)  an optional dependency is absent; names the extra (exit 3)
      │    └── KnowledgeBaseError        a knowledge-source package for the default KB is absent
+     │         └── VocabularyError      a vocabulary package (HPO, MeSH, ICD-10-CM, drugs) is absent
      ├── CorpusError (ValueError)       a corpus file cannot be read as documents
      ├── IndexStoreError (ValueError)   an index directory is unusable
      │    ├── IndexMissing              it or its manifest does not exist
@@ -58,6 +59,10 @@ class MissingExtraError(MedRwRError, ImportError):
 
 class KnowledgeBaseError(MissingExtraError):
     """A knowledge source package is missing; the message names the package to install."""
+
+
+class VocabularyError(KnowledgeBaseError):
+    """A vocabulary package that :mod:`medrwr.vocab` reads is not installed; names the package."""
 
 
 class CorpusError(MedRwRError, ValueError):
@@ -174,4 +179,5 @@ __all__ = [
     "RetrievalUnavailable",
     "RolloutDriftError",
     "ServiceError",
+    "VocabularyError",
 ]

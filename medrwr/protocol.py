@@ -1,6 +1,6 @@
 """The reasoning-with-retrieval protocol: tags, prompts, the transcript parser and answer extraction.
 
-Grammar of a valid trajectory (METHOD.md §1)::
+Grammar of a valid trajectory (docs/method.md §1)::
 
     ( think query retrieve )* think answer
 
@@ -314,7 +314,7 @@ def normalize_text(text: str | None) -> str:
 ANSWER_CHOICE_START = re.compile(r"[^\s(\[{*\"']")
 """The first character of an answer that can name the choice: skips whitespace, ``(`` of ``(B)``, ``**``, quotes.
 
-Confidence (METHOD.md §5) and the confidence-gain reward (§2) both read the model's distribution at the
+Confidence (docs/method.md §1 and §5) and the confidence-gain reward (§2) both read the model's distribution at the
 token holding this character, so they must agree on it.
 """
 

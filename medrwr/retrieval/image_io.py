@@ -9,7 +9,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from medrwr.errors import ImageIndexError, ImageLoadError  # noqa: F401 (re-exported)
+from medrwr.errors import ImageLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ TRL calls a reward as ``reward(prompts=..., completions=..., completion_ids=...,
 :class:`~medrwr.rollout.trace.RolloutTrace` per completion under ``traces``. :func:`sample_views` turns any of
 these into :class:`SampleView` records so each reward is a small function over views.
 
-A trace is trusted as the record of the rollout (DESIGN.md: nobody re-parses strings to rebuild it): its
+A trace is trusted as the record of the rollout (docs/architecture.md, RolloutTrace: nobody re-parses strings to rebuild it): its
 ``valid``, ``queries``, ``retrievals``, ``answer`` and ``choice`` are used as they are. A plain string is parsed
 once with :func:`medrwr.protocol.parse_completion` (cached by text, so the several rewards of one step share
 the parse).

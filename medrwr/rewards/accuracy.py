@@ -1,4 +1,4 @@
-"""Accuracy reward σa ∈ {0, 1} (METHOD.md §2).
+"""Accuracy reward σa ∈ {0, 1} (docs/method.md §2).
 
 For option questions σa = 1 when the letter chosen in the answer block (:func:`medrwr.protocol.extract_choice`:
 ``B``, ``b``, ``B.``, ``(B)``, ``B)``, ``B: text``, ``Answer: B``) equals the gold letter. When the answer

@@ -1,4 +1,4 @@
-"""Confidence-gain reward σc (METHOD.md §2), computed from the policy itself.
+"""Confidence-gain reward σc (docs/method.md §2), computed from the policy itself.
 
 ::
 
@@ -19,10 +19,14 @@ answer is not an option letter. Each log-probability is floored at ``MIN_LOGPROB
   completion tokens up to that token: the tokens with ``completion_mask == 0`` (retrieve blocks, tags
   included) are dropped from ``completion_ids`` -- token-exact, nothing is re-tokenised -- so the model sees its
   own reasoning and queries but none of the retrieved text.
-- *compat* (the reference code): the "without" side is the first generation pass's answer distribution, read
-  from ``trace.metadata["first_pass_option_probs"]`` when the engine recorded one. The reference read it from
-  a first pass that stops at ``</query>`` -- whenever the model searched, that pass has no answer token and the
-  reference's default log-probability 0 stands in, so compat σc = log p(gold | with retrieval).
+- *compat* (the reference code): the "without" side is the first generation pass's answer distribution, the
+  trace's ``first_pass_option_probs`` (the engine records it when the rollout's first turn answered). The
+  reference read it from a first pass that stops at ``</query>`` -- whenever the model searched, that pass has
+  no answer token and the reference's default log-probability 0 stands in, so compat σc = log p(gold | with
+  retrieval); the engine leaves the field None in exactly that case.
+
+The answer token is the trace's ``answer_position`` (where the engine read its confidence); only traces
+without one (plain strings, traces from elsewhere) locate it by decoding the tail of the model tokens.
 
 Three bugs of the reference's ``RetrieveLogitORM`` are not reproduced, in either mode: it read the raw token
 after ``<answer>`` (probability ≈ 1 when that token is a space or ``>``), it compared the gold letter
@@ -37,6 +41,9 @@ that path is text-only. Sequences longer than ``max_length`` tokens (default: th
 
 Columns read: ``answer``, ``options``/``choices`` (letters; else the ``A. …`` lines of the prompt, else the
 trace's ``option_probs`` keys, else A–D), ``images``/``image``, ``prompts``.
+
+Long module: the letter tables, the answer-token lookup and the batched (multimodal) forward pass exist only
+for this reward and are checked together against a manual forward pass (tests/test_rewards_confidence.py).
 """
 
 from __future__ import annotations
@@ -119,6 +126,14 @@ def answer_token_index(tok: Any, model_ids: Sequence[int], window: int = 64) -> 
     if m is None:
         return None
     return start + token_index_at_char(lambda ids: _decode(tok, ids), tail, m.start())
+
+
+def _recorded_answer_index(trace: Any, cmask: Sequence[int]) -> int | None:
+    """The trace's ``answer_position`` as an index among the model tokens; None when absent or not a model token."""
+    pos = getattr(trace, "answer_position", None)
+    if not isinstance(pos, int) or isinstance(pos, bool) or not 0 <= pos < len(cmask) or not cmask[pos]:
+        return None
+    return sum(1 for m in cmask[:pos] if m)
 
 
 def letter_token_table(tok: Any, letters: str = OPTION_LETTERS) -> dict[str, list[int]]:
@@ -424,7 +439,9 @@ class ConfidenceGainReward:
                 continue
             model_pos = [k for k, m in enumerate(cmask) if m]
             model_ids = [comp[k] for k in model_pos]
-            p = answer_token_index(tok, model_ids)
+            p = _recorded_answer_index(trace, cmask)
+            if p is None:
+                p = answer_token_index(tok, model_ids)
             if p is None:
                 continue
             letters = _option_letters(i, options, prompts, trace, gold)
@@ -436,8 +453,7 @@ class ConfidenceGainReward:
             else:
                 item.with_ids = prompt_ids + comp[: model_pos[p]]
             if self.compat:
-                meta = getattr(trace, "metadata", None) or {}
-                lwo = _logp_from_probs(meta.get("first_pass_option_probs"), gold, letters)
+                lwo = _logp_from_probs(getattr(trace, "first_pass_option_probs", None), gold, letters)
                 item.without_logp = 0.0 if lwo is None else lwo
             else:
                 item.without_ids = prompt_ids + model_ids[:p]

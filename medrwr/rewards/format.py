@@ -1,4 +1,4 @@
-"""Format reward (METHOD.md §2): the paper's σf ∈ {0, 1, 2}, and the reference code's variant behind ``compat``.
+"""Format reward (docs/method.md §2): the paper's σf ∈ {0, 1, 2}, and the reference code's variant behind ``compat``.
 
 Paper (default)::
 

@@ -1,4 +1,4 @@
-"""Length penalty σl ∈ {-1, 0} (the reference code's ``LengthORM``; METHOD.md §2; off by default).
+"""Length penalty σl ∈ {-1, 0} (the reference code's ``LengthORM``; docs/method.md, "Rewards"; off by default).
 
 σl = -1 when the completion without its retrieve blocks (:func:`medrwr.protocol.strip_retrieve_blocks`, what
 the model wrote) is shorter than ``min_chars`` (512) or longer than ``max_chars`` (3072) characters, else 0.

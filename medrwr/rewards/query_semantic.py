@@ -1,4 +1,4 @@
-"""Query-semantic rewards (METHOD.md §2): σq = σq_text + σq_img.
+"""Query-semantic rewards (docs/method.md, "Rewards"): σq = σq_text + σq_img.
 
 **Text**, σq_text ∈ [0, 2]::
 

@@ -1,18 +1,19 @@
-"""The weighted total (METHOD.md §2)::
+"""The weighted total (docs/method.md, "Rewards")::
 
     σ = w_f·σf + w_a·σa + w_q·(σq_text + σq_img) + w_c·σc + w_l·σl
 
-with the paper's weights by default (``RewardConfig``: format 1, accuracy 5, query 0.4, confidence 5,
-length 0 -- the length penalty is off). A term whose weight is 0 is not computed, so a stage-1 config
-(``query_weight: 0``, ``confidence_weight: 0``) needs no image encoder and no policy forward pass.
+The terms are the registry's weighted rewards (:data:`medrwr.rewards.registry.TERM_SPECS`), each weighted by
+its ``RewardConfig`` field; the paper's weights are the defaults (format 1, accuracy 5, query 0.4,
+confidence 5, length 0 -- the length penalty is off). A term whose weight is 0 is not computed, so a stage-1
+config (``query_weight: 0``, ``confidence_weight: 0``) needs no image encoder and no policy forward pass.
 ``rewards.compat`` switches the format reward and the confidence gain to the reference code's variants.
 
 σq_img needs a joint image–text encoder (``rewards.image_encoder``); when none is configured that term is 0.0
-for every sample and a warning says so once, so the total is then w_q·σq_text (+ the other terms). σc needs
-the policy: pass ``model`` and ``processing_class`` (the trainer's), or set ``confidence_weight: 0``.
+for every sample and a warning says so once. σc needs the policy: pass ``model`` and ``processing_class``
+(the trainer's), or set ``confidence_weight: 0``.
 
-Range: the weighted sum of the component ranges -- with the default weights and the paper's format,
-[-0.4 - 5·20.72, 2 + 5 + 0.4·3 + 5·20.72].
+Range: :meth:`TotalReward.value_range`, the weighted sum of the term ranges -- with the default weights and
+the paper's format, [-0.4 - 5·20.72, 2 + 5 + 0.4·3 + 5·20.72].
 """
 
 from __future__ import annotations
@@ -22,18 +23,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from medrwr.config import RewardConfig
-from medrwr.rewards._common import column, sample_views
-from medrwr.rewards.accuracy import OPTION_COLUMNS, gold_answers, score_accuracy
-from medrwr.rewards.confidence_gain import ConfidenceGainReward
-from medrwr.rewards.format import score_format, score_format_compat
-from medrwr.rewards.length import score_length
-from medrwr.rewards.query_semantic import _QueryImageReward, _QueryTextReward
+from medrwr.rewards._common import sample_views
+from medrwr.rewards.specs import TERM_SPECS, RewardBatch, Term
 
 logger = logging.getLogger(__name__)
 
 
 class TotalReward:
-    """The weighted total as one TRL reward function; :meth:`components` gives every term per sample."""
+    """The weighted total as one TRL reward function; :meth:`components` gives every term per sample.
+
+    `extractor`, `image_encoder` and `confidence_reward` override what the config would build for the
+    query-semantic text and image terms and the confidence gain.
+    """
 
     __name__ = "total_reward"
 
@@ -47,25 +48,16 @@ class TotalReward:
         confidence_reward: Any = None,
     ):
         self.config = config or RewardConfig()
-        c = self.config
-        self.text_reward = _QueryTextReward(extractor or c.entity_extractor) if c.query_weight else None
-        self.image_reward = _QueryImageReward(image_encoder or c.image_encoder) if c.query_weight else None
-        self.confidence_reward = None
-        if c.confidence_weight:
-            if confidence_reward is not None:
-                self.confidence_reward = confidence_reward
-            elif model is None or processing_class is None:
-                raise ValueError(
-                    "the total reward has confidence_weight="
-                    f"{c.confidence_weight} but no policy: pass model= and processing_class= (the trainer's), "
-                    "or set rewards.confidence_weight=0 (stage 1)"
-                )
-            else:
-                self.confidence_reward = ConfidenceGainReward(
-                    model,
-                    processing_class,
-                    compat=c.compat,
-                    batch_size=getattr(c, "confidence_batch_size", 8),
+        overrides = {
+            "extractor": extractor,
+            "image_encoder": image_encoder,
+            "confidence_reward": confidence_reward,
+        }
+        self.terms: dict[str, Term] = {}
+        for spec in TERM_SPECS:
+            if getattr(self.config, spec.weight):
+                self.terms[spec.name] = spec.term(
+                    self.config, model=model, processing_class=processing_class, **overrides
                 )
 
     def components(
@@ -76,40 +68,23 @@ class TotalReward:
         **kwargs: Any,
     ) -> dict[str, list[float]]:
         """Each unweighted term per sample (terms with weight 0 are absent)."""
-        c = self.config
-        views = sample_views(completions, traces)
-        n = len(views)
-        out: dict[str, list[float]] = {}
-        golds = gold_answers(n, answer, **kwargs)
-        options = column(kwargs, OPTION_COLUMNS, n)
-        acc = [score_accuracy(v, g, o) for v, g, o in zip(views, golds, options)]
-        if c.accuracy_weight:
-            out["accuracy"] = acc
-        if c.format_weight:
-            if c.compat:
-                out["format"] = [score_format_compat(v.text, a) for v, a in zip(views, acc)]
-            else:
-                out["format"] = [score_format(v, a) for v, a in zip(views, acc)]
-        if c.length_weight:
-            out["length"] = [score_length(v) for v in views]
-        if self.text_reward is not None:
-            out["query_semantic_text"] = self.text_reward.score(views, answer, **kwargs)
-        if self.image_reward is not None:
-            out["query_semantic_image"] = self.image_reward.score(views, **kwargs)
-        if self.confidence_reward is not None:
-            out["confidence_gain"] = self.confidence_reward.score(views, answer, **kwargs)
-        return out
+        batch = RewardBatch(sample_views(completions, traces), answer, kwargs)
+        return {name: term(batch) for name, term in self.terms.items()}
 
     def weights(self) -> dict[str, float]:
-        c = self.config
-        return {
-            "accuracy": c.accuracy_weight,
-            "format": c.format_weight,
-            "length": c.length_weight,
-            "query_semantic_text": c.query_weight,
-            "query_semantic_image": c.query_weight,
-            "confidence_gain": c.confidence_weight,
-        }
+        """The weight of every term of the total, by reward name (0 for the terms that are off)."""
+        return {spec.name: getattr(self.config, spec.weight) for spec in TERM_SPECS}
+
+    def value_range(self) -> tuple[float, float]:
+        """Bounds of the total: the weighted sum of the bounds of the terms that are on."""
+        lo = hi = 0.0
+        for spec in TERM_SPECS:
+            w = getattr(self.config, spec.weight)
+            if w:
+                a, b = spec.value_range(self.config)
+                lo += min(w * a, w * b)
+                hi += max(w * a, w * b)
+        return lo, hi
 
     def __call__(self, completions=None, traces=None, answer=None, **kwargs: Any) -> list[float]:
         parts = self.components(completions, traces, answer, **kwargs)
@@ -146,6 +121,8 @@ def get_total_reward(
     >>> r = get_total_reward(RewardConfig(query_weight=0, confidence_weight=0))
     >>> r(completions=["<think>a</think><answer>B</answer>", "<think>a</think><answer>C</answer>"], answer=["B", "B"])
     [6.0, 1.0]
+    >>> r.value_range()
+    (0.0, 7.0)
     """
     return TotalReward(
         config,

@@ -15,9 +15,19 @@ from medrwr.rollout.engine import (
     RolloutRequest,
     engine_from_config,
 )
-from medrwr.rollout.trace import RetrievalRecord, RolloutTrace, TokenSpan, render_trace
+from medrwr.rollout.trace import (
+    CDIRAnswer,
+    CDIRRecord,
+    RetrievalRecord,
+    RolloutTrace,
+    TokenSpan,
+    render_trace,
+)
+from medrwr.rollout.transcript import Transcript
 
 __all__ = [
+    "CDIRAnswer",
+    "CDIRRecord",
     "Continuation",
     "GenerationState",
     "PolicyBackend",
@@ -28,6 +38,7 @@ __all__ = [
     "RolloutTrace",
     "ScriptedBackend",
     "TokenSpan",
+    "Transcript",
     "engine_from_config",
     "render_trace",
 ]

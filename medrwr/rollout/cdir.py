@@ -1,4 +1,4 @@
-"""Confidence-Driven Image Re-retrieval (METHOD.md §5), a test-time second look.
+"""Confidence-Driven Image Re-retrieval (docs/method.md §5), a test-time second look.
 
 After a row answers with confidence η below ``cdir.threshold``, the question's (first) image is searched in an
 image index of (image, report) cases and the top case(s) consulted:
@@ -11,21 +11,26 @@ image index of (image, report) cases and the top case(s) consulted:
 3. the model answers again (the usual loop, so it may still search if rounds remain).
 
 Everything inserted here is written by the environment, the fixed think and query blocks included, so it is
-mask 0 (not the model's text: it never enters a loss). Both answers and confidences stay in ``trace.cdir``,
-together with the dropped tokens, so nothing is lost. CDIR needs a backend that can encode images (a VLM).
+mask 0 (not the model's text: it never enters a loss). Both answers and confidences stay in ``trace.cdir`` (a
+:class:`~medrwr.rollout.trace.CDIRRecord`), together with the dropped tokens, so nothing is lost. CDIR needs a backend that can encode images (a VLM).
+
+CDIR acts on rows only through public operations: :meth:`Transcript.truncate` / :meth:`Transcript.insert` /
+:meth:`Transcript.add_images`, :meth:`Row.reopen`, and :meth:`RolloutEngine.continue_rows` for the re-answer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from medrwr import protocol
-from medrwr.retrieval.base import ImageHit
-
-if TYPE_CHECKING:  # pragma: no cover
-    from medrwr.rollout.engine import RolloutEngine, _Row
+from medrwr.config import CDIRConfig, RolloutConfig
+from medrwr.retrieval.base import ImageHit, ImageRetriever
+from medrwr.rollout.backends.base import MultimodalInputs, PolicyBackend
+from medrwr.rollout.request import load_image
+from medrwr.rollout.trace import CDIRAnswer, CDIRRecord
+from medrwr.rollout.transcript import Row, TokenCodec
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +41,34 @@ CDIR_THINK = (
     "and use it, together with the information retrieved before, to answer.\n</think>\n"
 )
 CDIR_QUERY = "<query>\nconsultation from a case with similar medical imaging findings\n</query>\n"
+_BELOW = "confidence below the threshold"
 
 
-def _answer_snapshot(row: _Row, engine: RolloutEngine, dropped_from: int | None = None) -> dict[str, Any]:
+class RolloutEngine(Protocol):
+    """What CDIR uses of :class:`medrwr.rollout.engine.RolloutEngine` (named here so CDIR does not import it)."""
+
+    backend: PolicyBackend
+    codec: TokenCodec
+    config: RolloutConfig
+    cdir: CDIRConfig
+    image_retriever: ImageRetriever | None
+    stats: Any
+    clock: Any
+
+    def continue_rows(self, rows: Sequence[Row]) -> None: ...
+
+
+def _answer_of(row: Row) -> CDIRAnswer:
     tr = row.trace
-    snap: dict[str, Any] = {
-        "answer": tr.answer,
-        "choice": tr.choice if tr.choice is not None else protocol.extract_choice(tr.answer, row.letters or protocol.OPTION_LETTERS),
-        "confidence": tr.confidence,
-        "option_probs": tr.option_probs,
-        "stop_reason": tr.stop_reason,
-    }
-    if dropped_from is not None:
-        ids = tr.completion_ids[dropped_from:]
-        snap["dropped_ids"] = list(ids)
-        snap["dropped_logprobs"] = list(tr.logprobs[dropped_from:])
-        snap["dropped_text"] = engine._decode(ids)
-    return snap
+    choice = tr.choice if tr.choice is not None else protocol.extract_choice(tr.answer, row.letters or protocol.OPTION_LETTERS)
+    return CDIRAnswer(
+        answer=tr.answer, choice=choice, confidence=tr.confidence,
+        option_probs=dict(tr.option_probs) if tr.option_probs else None,
+        answer_position=tr.answer_position, stop_reason=tr.stop_reason,
+    )
 
 
 def _load_case_image(hit: ImageHit, max_pixels: int) -> Any:
-    from medrwr.rollout.engine import load_image
-
     meta = hit.metadata or {}
     for key in ("image", "image_bytes", "bytes"):
         if meta.get(key) is not None:
@@ -65,21 +76,12 @@ def _load_case_image(hit: ImageHit, max_pixels: int) -> Any:
     return load_image(hit.image_path, max_pixels)
 
 
-def _truncate(row: _Row, cut: int) -> int:
-    """Drop completion tokens from ``cut`` on; returns how many model tokens were dropped."""
-    tr = row.trace
-    dropped_model = sum(tr.completion_mask[cut:])
-    del tr.completion_ids[cut:], tr.completion_mask[cut:], tr.logprobs[cut:]
-    tr.spans = [s for s in tr.spans if s.end <= cut]
-    row.new_tokens -= dropped_model
-    # The drop is deliberate: the next turn must extend exactly what is left.
-    row.expected_prefix = row.prompt_ids + tr.completion_ids
-    return dropped_model
-
-
-def _consultation_ids(engine: RolloutEngine, cases: Sequence[tuple[ImageHit, Any]]) -> tuple[list[int], Any, str]:
+def _consultation_ids(
+    engine: RolloutEngine, cases: Sequence[tuple[ImageHit, Any]]
+) -> tuple[list[int], MultimodalInputs | None, str]:
     """Token ids, image inputs and display text of the retrieve block holding the case images and reports."""
-    ids = engine._encode("<retrieve>\n")
+    codec = engine.codec
+    ids = codec.encode("<retrieve>\n")
     mm = None
     text = "<retrieve>\n"
     for i, (hit, image) in enumerate(cases):
@@ -87,36 +89,66 @@ def _consultation_ids(engine: RolloutEngine, cases: Sequence[tuple[ImageHit, Any
         ids += img_ids
         mm = img_mm if mm is None else mm.extended(img_mm)
         report = " ".join(protocol.sanitize_document(hit.report).split()) or "No report."
-        report_ids = engine._encode(report)
+        report_ids = codec.encode(report)
         room = max(engine.config.max_inserted_tokens - 16, 8)
         if len(report_ids) > room:
-            report = engine._decode(report_ids[:room]).rstrip("\ufffd").strip() + " …"
+            report = codec.decode(report_ids[:room]).rstrip("\ufffd").strip() + " …"
         tail = f"\nReport: {report}\n" + ("</retrieve>\n" if i == len(cases) - 1 else "")
-        ids += engine._encode(tail)
+        ids += codec.encode(tail)
         text += f"[image: {hit.image_path or hit.image_id}]" + tail
     return ids, mm, text
 
 
-def run_cdir(engine: RolloutEngine, rows: Sequence[_Row]) -> None:
+def _decide(engine: RolloutEngine, row: Row) -> CDIRRecord:
+    """Whether a row needs a second look; ``triggered`` stays False until the case is actually inserted."""
+    cfg, tr = engine.cdir, row.trace
+    record = CDIRRecord(threshold=cfg.threshold, confidence=tr.confidence)
+    if tr.stop_reason != "answer" or tr.confidence is None:
+        record.reason = "no answer to re-check"
+    elif not row.source_images:
+        record.reason = "the question has no image"
+    elif tr.confidence >= cfg.threshold:
+        record.reason = "confidence at or above the threshold"
+    elif not engine.backend.supports_images:
+        record.reason = "the policy cannot take images"
+    else:
+        record.reason = _BELOW
+    return record
+
+
+def _consult(engine: RolloutEngine, row: Row, cases: list[tuple[ImageHit, Any]]) -> None:
+    """Replace the row's answering turn by the fixed think/query blocks and the case; reopen the row."""
+    tr, t, record = row.trace, row.transcript, row.trace.cdir
+    assert record is not None
+    cut = row.answer_start if row.answer_start is not None else len(t)
+    first = _answer_of(row)
+    first.dropped_ids, first.dropped_logprobs = t.truncate(cut)
+    first.dropped_text = t.codec.decode(first.dropped_ids)
+    row.reopen()
+    start = len(t)
+    t.insert(protocol.THINK, CDIR_THINK)
+    t.insert(protocol.QUERY, CDIR_QUERY)
+    ids, mm, text = _consultation_ids(engine, cases)
+    t.insert(protocol.RETRIEVE, text, ids)
+    if mm is not None:
+        t.add_images(mm)
+    tr.images.extend(h.image_path or h.image_id for h, _ in cases)
+    record.triggered = True
+    record.first = first
+    record.cases = [h for h, _ in cases]
+    record.inserted_start, record.inserted_end = start, len(t)
+    record.inserted_text = CDIR_THINK + CDIR_QUERY + text
+
+
+def run_cdir(engine: RolloutEngine, rows: Sequence[Row]) -> None:
     """Re-answer the low-confidence rows with a similar case; record the outcome on every row's trace."""
     cfg = engine.cdir
-    low: list[_Row] = []
+    low: list[Row] = []
     for row in rows:
-        tr = row.trace
-        info: dict[str, Any] = {"triggered": False, "threshold": cfg.threshold, "confidence": tr.confidence}
-        if tr.stop_reason != "answer" or tr.confidence is None:
-            info["reason"] = "no answer to re-check"
-        elif not row.source_images:
-            info["reason"] = "the question has no image"
-        elif tr.confidence >= cfg.threshold:
-            info["reason"] = "confidence at or above the threshold"
-        elif not getattr(engine.backend, "supports_images", False):
-            info["reason"] = "the policy cannot take images"
-        else:
+        row.trace.cdir = _decide(engine, row)
+        if row.trace.cdir.reason == _BELOW:
             low.append(row)
-            info["reason"] = "confidence below the threshold"
-        tr.cdir = info
-    if not low:
+    if not low or engine.image_retriever is None:
         return
     t0 = engine.clock()
     try:
@@ -126,47 +158,26 @@ def run_cdir(engine: RolloutEngine, rows: Sequence[_Row]) -> None:
     except Exception as exc:  # noqa: BLE001 - a failing image index leaves the first answer in place
         logger.warning("CDIR image search failed: %s", exc)
         for r in low:
-            r.trace.cdir["error"] = f"{type(exc).__name__}: {exc}"
+            r.trace.cdir.error = f"{type(exc).__name__}: {exc}"  # type: ignore[union-attr]
         return
     engine.stats.retrieval_s += engine.clock() - t0
-    triggered: list[_Row] = []
+    triggered: list[Row] = []
     for row, hits in zip(low, results):
-        tr = row.trace
+        record = row.trace.cdir
+        assert record is not None
         hits = list(hits)[: cfg.k]
         if not hits:
-            tr.cdir["error"] = "the image index returned no similar case"
+            record.error = "the image index returned no similar case"
             continue
         try:
             cases = [(h, _load_case_image(h, engine.config.max_image_pixels)) for h in hits]
         except Exception as exc:  # noqa: BLE001
-            tr.cdir["error"] = f"cannot load the similar case's image: {type(exc).__name__}: {exc}"
+            record.error = f"cannot load the similar case's image: {type(exc).__name__}: {exc}"
             continue
-        cut = row.answer_turn["start"] if row.answer_turn else len(tr.completion_ids)
-        first = _answer_snapshot(row, engine, dropped_from=cut)
-        _truncate(row, cut)
-        tr.answer = tr.confidence = tr.option_probs = tr.choice = tr.error = None
-        tr.stop_reason = None
-        start = len(tr.completion_ids)
-        engine.insert_text(row, protocol.THINK, CDIR_THINK)
-        engine.insert_text(row, protocol.QUERY, CDIR_QUERY)
-        ids, mm, text = _consultation_ids(engine, cases)
-        engine.insert_text(row, protocol.RETRIEVE, text, ids)
-        tr.cdir["inserted_text"] = CDIR_THINK + CDIR_QUERY + text
-        row.mm = mm if row.mm is None else row.mm.extended(mm)
-        tr.images.extend(h.image_path or h.image_id for h, _ in cases)
-        tr.cdir.update(
-            triggered=True,
-            first=first,
-            cases=[h.to_dict() for h, _ in cases],
-            inserted={"start": start, "end": len(tr.completion_ids)},
-        )
-        row.last_turn_start = len(tr.completion_ids)
-        row.answer_turn = None
-        row.done = False
-        row.cdir_done = True
+        _consult(engine, row, cases)
         triggered.append(row)
     if triggered:
-        engine._loop(triggered)
+        engine.continue_rows(triggered)
         for row in triggered:
             row.trace.choice = protocol.extract_choice(row.trace.answer, row.letters or protocol.OPTION_LETTERS)
-            row.trace.cdir["second"] = _answer_snapshot(row, engine)
+            row.trace.cdir.second = _answer_of(row)  # type: ignore[union-attr]

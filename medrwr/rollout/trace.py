@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from medrwr.retrieval.base import Hit
+from medrwr.retrieval.base import Hit, ImageHit
 
 SpanKind = Literal["think", "query", "retrieve", "answer", "text", "cdir"]
 StopReason = Literal["answer", "eos", "max_rounds", "max_tokens", "no_progress", "error"]
@@ -80,6 +80,73 @@ class RetrievalRecord:
 
 
 @dataclass
+class CDIRAnswer:
+    """One answer of a CDIR row (docs/method.md §5): what the trace said before (``first``) or after (``second``) the
+    consultation. ``dropped_*`` hold the first answer's turn, cut from the completion to make room."""
+
+    answer: str | None = None
+    choice: str | None = None
+    confidence: float | None = None
+    option_probs: dict[str, float] | None = None
+    answer_position: int | None = None
+    """Completion index of the confidence token (for ``first``: in the completion before the cut)."""
+    stop_reason: StopReason | None = None
+    dropped_ids: list[int] = field(default_factory=list)
+    dropped_logprobs: list[float] = field(default_factory=list)
+    dropped_text: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CDIRAnswer:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class CDIRRecord:
+    """What CDIR decided for one row and, when it ran, both answers and the consulted case(s).
+
+    ``confidence`` is the one compared with ``threshold``; ``reason`` says why CDIR did or did not run; ``error``
+    is set when it should have run but could not (image index down, case image unreadable) -- the first answer
+    then stands. ``[inserted_start, inserted_end)`` are the completion tokens CDIR inserted.
+    """
+
+    triggered: bool = False
+    threshold: float = 0.0
+    confidence: float | None = None
+    reason: str = ""
+    error: str | None = None
+    first: CDIRAnswer | None = None
+    second: CDIRAnswer | None = None
+    cases: list[ImageHit] = field(default_factory=list)
+    inserted_start: int | None = None
+    inserted_end: int | None = None
+    inserted_text: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["first"] = self.first.to_dict() if self.first else None
+        d["second"] = self.second.to_dict() if self.second else None
+        d["cases"] = [h.to_dict() for h in self.cases]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CDIRRecord:
+        d = dict(d)
+        first, second = d.pop("first", None), d.pop("second", None)
+        cases = [ImageHit.from_dict(h) for h in d.pop("cases", None) or []]
+        known = {f.name for f in fields(cls)}
+        return cls(
+            first=CDIRAnswer.from_dict(first) if first else None,
+            second=CDIRAnswer.from_dict(second) if second else None,
+            cases=cases,
+            **{k: v for k, v in d.items() if k in known},
+        )
+
+
+@dataclass
 class RolloutTrace:
     """Everything about one rollout.
 
@@ -100,9 +167,16 @@ class RolloutTrace:
     choice: str | None = None
     """The option letter extracted from ``answer`` (None for free-text answers)."""
     confidence: float | None = None
-    """Probability of the answer's first non-whitespace token (METHOD.md §5)."""
+    """Probability of the answer's first non-whitespace token (docs/method.md §1, §5)."""
     option_probs: dict[str, float] | None = None
     """Probabilities of each option letter at that position, renormalised over the options."""
+    answer_position: int | None = None
+    """Index in ``completion_ids`` of the token ``confidence`` and ``option_probs`` were read at (None when the
+    answer names no choice). Rewards read σc's "with retrieval" side here instead of re-parsing the text."""
+    first_pass_option_probs: dict[str, float] | None = None
+    """``option_probs`` of the answer written in the rollout's first generation pass (its first turn), before any
+    retrieval; None when that pass stopped at a query. Compat σc's "without retrieval" side (docs/method.md §2): as
+    in the reference code, a rollout that searched has no first-pass answer."""
     images: list[str] = field(default_factory=list)
     """Image inputs in placeholder order, as paths (or a short description of an in-memory image); CDIR
     appends the consulted case's image. The engine keeps the loaded objects separately."""
@@ -110,8 +184,8 @@ class RolloutTrace:
     rounds: int = 0
     valid: bool = False
     error: str | None = None
-    cdir: dict[str, Any] | None = None
-    """When CDIR ran: first answer/confidence, the retrieved case, second answer/confidence."""
+    cdir: CDIRRecord | None = None
+    """When CDIR was enabled: whether it ran, both answers and confidences, the consulted case."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,7 +195,7 @@ class RolloutTrace:
 
     @property
     def segments(self) -> list[TokenSpan]:
-        """The spans (DESIGN.md calls them segments)."""
+        """The spans, by kind and token offsets."""
         return self.spans
 
     @property
@@ -162,6 +236,7 @@ class RolloutTrace:
         d = asdict(self)
         d["spans"] = [s.to_dict() for s in self.spans]
         d["retrievals"] = [r.to_dict() for r in self.retrievals]
+        d["cdir"] = self.cdir.to_dict() if self.cdir is not None else None
         return d
 
     def to_json(self) -> str:
@@ -173,6 +248,8 @@ class RolloutTrace:
         d = dict(d)
         d["spans"] = [TokenSpan.from_dict(s) for s in d.get("spans", [])]
         d["retrievals"] = [RetrievalRecord.from_dict(r) for r in d.get("retrievals", [])]
+        if isinstance(d.get("cdir"), dict):
+            d["cdir"] = CDIRRecord.from_dict(d["cdir"])
         known = {f.name for f in fields(cls)}
         extra = {k: d.pop(k) for k in list(d) if k not in known}
         if extra:
@@ -220,14 +297,14 @@ def render_trace(trace: RolloutTrace, max_chars: int = 1200) -> Any:
     )
     if trace.cdir:
         c = trace.cdir
-        if c.get("triggered"):
-            first, second = c.get("first", {}), c.get("second", {})
+        if c.triggered:
+            first, second = c.first or CDIRAnswer(), c.second or CDIRAnswer()
             summary.add_row(
                 "CDIR",
-                f"first {first.get('choice')} ({first.get('confidence') or 0:.3f}) -> "
-                f"second {second.get('choice')} ({second.get('confidence') or 0:.3f})",
+                f"first {first.choice} ({first.confidence or 0:.3f}) -> "
+                f"second {second.choice} ({second.confidence or 0:.3f})",
             )
         else:
-            summary.add_row("CDIR", f"not triggered: {c.get('reason') or c.get('error')}")
+            summary.add_row("CDIR", f"not triggered: {c.error or c.reason}")
     parts.append(Panel(summary, title="result", title_align="left"))
     return Group(*parts)

@@ -1,1 +1,1 @@
-"""medrwr.serve layer (see DESIGN.md)."""
+"""medrwr.serve layer (planned; see docs/architecture.md)."""

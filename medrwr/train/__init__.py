@@ -1,1 +1,1 @@
-"""medrwr.train layer (see DESIGN.md)."""
+"""medrwr.train layer (planned; see docs/architecture.md)."""

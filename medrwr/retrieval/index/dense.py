@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from medrwr._imports import require
-from medrwr.errors import EncoderError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

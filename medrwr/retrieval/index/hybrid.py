@@ -1,9 +1,9 @@
-"""Hybrid retrieval: BM25 + dense fused by reciprocal rank; the default text Retriever.
+"""Hybrid retrieval: BM25 + dense fused by reciprocal rank; the text Retriever, whether sharded or not.
 
 :func:`build_index` streams documents once into an index directory (see :mod:`medrwr.retrieval.index.store`)
 and builds BM25 and, unless ``dense=False``, memory-mapped embeddings and a FAISS index, all inside
-an atomic temp directory. :class:`HybridRetriever` loads it and answers batches: one bm25s call and
-one encoder + FAISS call per batch, whatever its size.
+an atomic temp directory. :class:`HybridRetriever` routes batches over the index's shards (an
+ordinary index is one shard): one bm25s call and one encoder + FAISS call per batch and shard.
 
 >>> rrf_fuse([["a", "b"], ["b", "c"]], k=60)[0][0]
 'b'
@@ -11,7 +11,7 @@ one encoder + FAISS call per batch, whatever its size.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 import threading
@@ -23,24 +23,27 @@ from typing import Any, TypeVar
 import numpy as np
 
 from medrwr.config import RetrievalConfig
-from medrwr.retrieval.base import SEARCH_MODES, Hit, check_search_args
+from medrwr.errors import IndexStoreError
+from medrwr.retrieval.base import SEARCH_MODES, Hit, Retriever, check_mode, check_search_args, pick_default_mode
 from medrwr.retrieval.index.corpus import Document, chunk_documents
+from medrwr.retrieval.index.shards import (
+    _LATER_FIRST,
+    BM25_DIR,
+    EMBEDDINGS_FILE,
+    IndexShard,
+    LocalShards,
+    merge_rankings,
+)
 from medrwr.retrieval.index.store import (
     DOCS_FILE,
     RESERVED_KEYS,
     DocStore,
     DocStoreWriter,
-    IndexCorrupt,
-    IndexStoreError,
     atomic_index_dir,
-    load_manifest,
     write_manifest,
 )
 
 logger = logging.getLogger(__name__)
-
-BM25_DIR = "bm25"
-EMBEDDINGS_FILE = "embeddings.npy"
 
 K = TypeVar("K", bound=Hashable)
 
@@ -83,46 +86,55 @@ def _dedup_key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def _config_from_manifest(manifest: dict[str, Any]) -> RetrievalConfig:
-    saved = manifest.get("build_config") or {}
-    names = {f.name for f in dataclasses.fields(RetrievalConfig)}
-    try:
-        return RetrievalConfig(**{k: v for k, v in saved.items() if k in names})
-    except (TypeError, ValueError):
-        logger.warning(
-            "index build_config is not a valid RetrievalConfig; using defaults for search settings"
-        )
-        return RetrievalConfig()
+class HybridRetriever(Retriever):
+    """Batched BM25 / dense / hybrid search: the router over one or more :class:`IndexShard`.
 
-
-class HybridRetriever:
-    """Batched BM25 / dense / hybrid search over an index directory built by :func:`build_index`.
-
-    Use :meth:`load`. The text encoder is loaded on the first dense or hybrid query (or by
+    An ordinary index is one local shard (:meth:`load`); a split index is N local shards
+    (:meth:`from_shard_dirs`) or N Ray Serve shard deployments (:mod:`medrwr.retrieval.service.ray`).
+    The search is the same code for all of them: encode the batch once, ask every shard for its
+    per-mode top-D (D = max(fusion_depth, k)), merge by score (one shard: nothing to merge), fuse by
+    RRF for hybrid, fetch the documents and de-duplicate. So sharded results equal unsharded ones by
+    construction. The text encoder is loaded on the first dense or hybrid query (or by
     :meth:`warmup`), so BM25-only use never imports torch. Thread-safe for concurrent ``search``.
     """
 
     def __init__(
         self,
-        path: Path,
-        manifest: dict[str, Any],
-        docs: DocStore,
-        bm25: Any,
-        dense: Any | None,
-        encoder: Any | None,
-        config: RetrievalConfig,
+        shards: Any,
+        infos: Sequence[dict[str, Any]],
+        config: RetrievalConfig | None = None,
+        encoder: Any | None = None,
+        path: Path | None = None,
+        manifest: dict[str, Any] | None = None,
     ):
+        if not infos:
+            raise ValueError("a retriever needs at least one shard")
+        self.infos = sorted(infos, key=lambda s: s["rows"][0])
+        if [s["rows"][0] for s in self.infos] != [s["rows"][0] for s in infos]:
+            raise ValueError("shards must be given in row order")
+        for a, b in zip(self.infos, self.infos[1:]):
+            if a["rows"][1] != b["rows"][0]:
+                raise ValueError(f"shard row ranges are not contiguous: {a['rows']} then {b['rows']}")
+        if len({json.dumps(s.get("parent"), sort_keys=True) for s in self.infos}) > 1:
+            raise ValueError("the shards come from different parent indexes; split one index with split_index")
+        first = self.infos[0]
+        self._shards = shards
+        self.config = config or RetrievalConfig.from_stored(first.get("build_config"))
+        self._modes: tuple[str, ...] = tuple(m for m in SEARCH_MODES if all(m in s["modes"] for s in self.infos))
+        self._doc_count = int(self.infos[-1]["rows"][1] - first["rows"][0])
         self.path = path
-        self.manifest = manifest
-        self.docs = docs
-        self.bm25 = bm25
-        self.dense = dense
+        self.manifest = manifest if manifest is not None else {
+            "encoder": first.get("encoder"), "shards": len(self.infos), "doc_count": self._doc_count}
+        self._default_mode = pick_default_mode(self.config.mode, self._modes)
+        if self._default_mode != self.config.mode:  # a user's choice is worth a warning; a default is not
+            (logger.warning if "mode" in self.config.explicit_keys() else logger.info)("retrieval mode %r is not available for %s (%s); searching with %r by default",
+                           self.config.mode, self._where(), ", ".join(self._modes), self._default_mode)
+        self._starts = np.asarray([s["rows"][0] for s in self.infos], dtype=np.int64)
+        self._local = shards.shards if isinstance(shards, LocalShards) else None
         self._encoder = encoder
-        self.config = config
         self._lock = threading.Lock()
-        self.modes: tuple[str, ...] = SEARCH_MODES if dense is not None else ("bm25",)
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ opening
 
     @classmethod
     def load(
@@ -132,163 +144,192 @@ class HybridRetriever:
         config: RetrievalConfig | None = None,
         verify: bool | str = True,
     ) -> HybridRetriever:
-        """Open an index directory: verify its manifest and checksums, map BM25, docs and FAISS.
+        """Open an index directory (one local shard): verify its manifest and checksums, map BM25, docs, FAISS.
 
-        ``config`` sets search behaviour (mode, k, rrf_k, weights, fusion_depth, n_threads, nprobe);
-        by default the config the index was built with. ``encoder`` overrides the one recorded in
-        the manifest (its ``dim`` must match).
+        ``config`` sets search behaviour (mode, rrf_k, weights, fusion_depth, n_threads, nprobe) as
+        given; by default the config the index was built with. (To layer a user's settings on the
+        stored ones, use :func:`medrwr.retrieval.open.open_retriever`.) ``encoder`` overrides the
+        one recorded in the manifest (its ``dim`` must match).
         """
-        from medrwr.retrieval.index.bm25 import BM25Index
-
         t0 = time.perf_counter()
-        p = Path(path).expanduser()
-        manifest = load_manifest(p, verify=verify)  # type: ignore[arg-type]
-        cfg = config or _config_from_manifest(manifest)
-        n = manifest.get("doc_count")
-        try:
-            docs = DocStore(p)
-            bm25 = BM25Index.load(p / BM25_DIR, n_threads=cfg.n_threads)
-            dense = None
-            if manifest.get("dense"):
-                from medrwr.retrieval.index.dense import DenseIndex
-
-                dense = DenseIndex.load(p, nprobe=cfg.ivf_nprobe, ef_search=cfg.hnsw_ef_search)
-                dense.threads = cfg.n_threads
-        except IndexStoreError:
-            raise
-        except Exception as exc:
-            raise IndexCorrupt(
-                f"index {p} cannot be opened ({type(exc).__name__}: {exc}); "
-                "rebuild it with `medrwr index build --corpus PATH --out DIR`"
-            ) from None
-        counts = {"manifest": n, "docs": len(docs), "bm25": bm25.n_docs}
-        if dense is not None:
-            counts["faiss"] = dense.ntotal
-        if len(set(counts.values())) != 1:
-            raise IndexCorrupt(f"index {p} is inconsistent: document counts differ {counts}; rebuild it")
-        enc_info = manifest.get("encoder") or {}
-        if encoder is not None and dense is not None and int(encoder.dim) != int(dense.dim):
+        shard = IndexShard.load(path, config, verify)
+        enc_info = shard.manifest.get("encoder") or {}
+        if encoder is not None and shard.dense is not None and int(encoder.dim) != int(shard.dense.dim):
+            shard.close()
             raise IndexStoreError(
-                f"encoder {getattr(encoder, 'name', encoder)!r} has dim {encoder.dim} but index {p} was "
-                f"built with {enc_info.get('name')!r} (dim {dense.dim}); pass a matching encoder or rebuild"
+                f"encoder {getattr(encoder, 'name', encoder)!r} has dim {encoder.dim} but index {shard.path} was "
+                f"built with {enc_info.get('name')!r} (dim {shard.dense.dim}); pass a matching encoder or rebuild"
             )
         if encoder is not None and enc_info and getattr(encoder, "name", None) != enc_info.get("name"):
-            logger.warning(
-                "index %s was built with encoder %r; searching with %r", p, enc_info.get("name"), encoder.name
-            )
-        self = cls(p, manifest, docs, bm25, dense, encoder, cfg)
-        logger.info(
-            "loaded index %s (%d docs, modes %s) in %.2fs", p, len(docs), self.modes, time.perf_counter() - t0
-        )
+            logger.warning("index %s was built with encoder %r; searching with %r",
+                           shard.path, enc_info.get("name"), getattr(encoder, "name", encoder))
+        self = cls(LocalShards([shard]), [shard.info()], config, encoder, path=shard.path, manifest=shard.manifest)
+        logger.info("loaded index %s (%d docs, modes %s) in %.2fs",
+                    shard.path, self.doc_count, self.modes, time.perf_counter() - t0)
         return self
+
+    @classmethod
+    def from_shard_dirs(
+        cls, shard_dirs: Sequence[str | os.PathLike], config: RetrievalConfig | None = None, verify: bool | str = True
+    ) -> HybridRetriever:
+        """Every shard of a split index in this process (searched from a thread pool)."""
+        shards = [IndexShard.load(p, config, verify) for p in shard_dirs]
+        return cls(LocalShards(shards), [s.info() for s in shards], config)
+
+    # ------------------------------------------------------------------ the contract
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return self._modes
+
+    @property
+    def default_mode(self) -> str:
+        return self._default_mode
 
     @property
     def doc_count(self) -> int:
-        return len(self.docs)
+        return self._doc_count
+
+    def describe(self) -> dict[str, Any]:
+        enc = self.manifest.get("encoder") or self.infos[0].get("encoder") or {}
+        out: dict[str, Any] = {
+            "kind": "hybrid",
+            "doc_count": self.doc_count,
+            "modes": list(self.modes),
+            "default_mode": self.default_mode,
+            "encoder": (enc.get("name") or enc.get("spec")) if "dense" in self.modes else None,
+            "path": str(self.path) if self.path is not None else None,
+        }
+        if len(self.infos) > 1:
+            out["shards"] = [{"path": s.get("path"), "rows": s["rows"]} for s in self.infos]
+        return out
+
+    def close(self) -> None:
+        self._shards.close()
 
     @property
     def encoder(self) -> Any:
         """The query encoder, loaded on first use from the manifest's spec."""
         if self._encoder is None:
-            if self.dense is None:
-                raise ValueError(f"index {self.path} has no dense part; only mode 'bm25' is available")
+            if "dense" not in self.modes:
+                raise ValueError(f"{self._where()} has no dense part; only mode 'bm25' is available")
             from medrwr.retrieval.encoders.text import load_index_encoder
 
+            info = self.manifest.get("encoder") or self.infos[0].get("encoder") or {}
             with self._lock:
                 if self._encoder is None:
-                    self._encoder = load_index_encoder(
-                        self.manifest.get("encoder"), self.config, self.dense.dim, f"index {self.path}"
-                    )
+                    self._encoder = load_index_encoder(info, self.config, info.get("dim"), self._where())
         return self._encoder
 
-    def warmup(self) -> None:
-        """Load the encoder and run one query through every available mode."""
-        for mode in self.modes:
-            self.search(["warmup"], k=1, mode=mode)
+    # ------------------------------------------------------------------ one local index
 
-    def close(self) -> None:
-        self.docs.close()
+    def _single(self) -> IndexShard:
+        if self._local is None or len(self._local) != 1:
+            raise AttributeError(f"{self._where()} is sharded: its parts live in its shards")
+        return self._local[0]
+
+    @property
+    def bm25(self) -> Any:
+        return self._single().bm25
+
+    @property
+    def dense(self) -> Any:
+        return self._single().dense
+
+    @property
+    def docs(self) -> Any:
+        return self._single().docs
+
+    def get_document(self, row: int) -> Document:
+        return self._single().docs.get(row)
 
     # ------------------------------------------------------------------ search
 
-    def _check_mode(self, mode: str | None) -> str:
-        mode = mode or self.config.mode
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(SEARCH_MODES)}")
-        if mode not in self.modes:
-            raise ValueError(
-                f"mode {mode!r} needs dense embeddings but index {self.path} was built without them "
-                f"(dense=False); use mode='bm25' or rebuild with dense enabled"
-            )
-        return mode
-
-    def _bm25_rankings(self, queries: Sequence[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        ids, scores = self.bm25.search(queries, depth)
-        return [(ids[i][scores[i] > 0], scores[i][scores[i] > 0]) for i in range(len(queries))]
-
-    def _dense_rankings(self, queries: Sequence[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        from medrwr.retrieval.encoders.text import encode_queries
-
-        qv = encode_queries(self.encoder, queries, batch_size=self.config.batch_size)
-        scores, ids = self.dense.search(qv, depth)
-        return [(ids[i][ids[i] >= 0], scores[i][ids[i] >= 0]) for i in range(len(queries))]
+    def _where(self) -> str:
+        return f"index {self.path}" if self.path is not None else f"the {len(self.infos)}-shard index"
 
     def search(self, queries: Sequence[str], k: int = 3, mode: str | None = None) -> list[list[Hit]]:
         """Top-``k`` hits per query, best first, de-duplicated by doc_id and by identical text.
 
-        ``mode``: ``bm25``, ``dense`` or ``hybrid`` (RRF of both); None = the config's mode.
+        ``mode``: ``bm25``, ``dense`` or ``hybrid`` (RRF of both); None = :attr:`default_mode`.
         Scores are BM25 scores, cosine similarities, or RRF scores respectively.
         """
         queries = check_search_args(queries, k)
-        mode = self._check_mode(mode)
+        mode = check_mode(mode, self.modes, self.default_mode, self._where())
         if not queries:
             return []
-        n = self.doc_count
-        depth = min(n, max(int(self.config.fusion_depth), int(k)))
-        if mode == "bm25":
-            per_query = [list(zip(r.tolist(), s.tolist())) for r, s in self._bm25_rankings(queries, depth)]
-        elif mode == "dense":
-            per_query = [list(zip(r.tolist(), s.tolist())) for r, s in self._dense_rankings(queries, depth)]
+        cfg = self.config
+        depth = min(self.doc_count, max(int(cfg.fusion_depth), int(k)))
+        need = ("bm25", "dense") if mode == "hybrid" else (mode,)
+        vectors = None
+        if "dense" in need:
+            from medrwr.retrieval.encoders.text import encode_queries
+
+            vectors = encode_queries(self.encoder, queries, batch_size=cfg.batch_size)
+        n = len(self._shards)
+        calls = [self._shards.submit(i, "rankings", queries, depth, need, vectors) for i in range(n)]
+        parts = [c.result() for c in calls]
+        if n == 1:
+            merged = parts[0]
         else:
-            sparse = self._bm25_rankings(queries, depth)
-            dense = self._dense_rankings(queries, depth)
-            weights = [self.config.bm25_weight, self.config.dense_weight]
-            per_query = [
-                rrf_fuse([sparse[i][0].tolist(), dense[i][0].tolist()], weights, self.config.rrf_k)
-                for i in range(len(queries))
-            ]
-        return [self._hits(ranked, int(k)) for ranked in per_query]
+            merged = {m: merge_rankings([p[m] for p in parts], depth, _LATER_FIRST[m]) for m in need}
+        if mode == "hybrid":
+            weights = [cfg.bm25_weight, cfg.dense_weight]
+            ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0]], weights, cfg.rrf_k)
+                      for i in range(len(queries))]
+        else:
+            ranked = [list(zip(rows, scores)) for rows, scores in merged[mode]]
+        return self._hits(ranked, int(k))
 
-    def _hits(self, ranked: list[tuple[int, float]], k: int) -> list[Hit]:
-        hits: list[Hit] = []
-        seen_ids: set[str] = set()
-        seen_text: set[str] = set()
-        for row, score in ranked:
-            d = self.docs.raw(int(row))
-            doc_id, text = str(d["doc_id"]), d.get("text") or ""
-            key = _dedup_key(text)
-            if doc_id in seen_ids or (key and key in seen_text):
-                continue
-            seen_ids.add(doc_id)
-            seen_text.add(key)
-            hits.append(
-                Hit(
-                    doc_id=doc_id,
-                    text=text,
-                    title=d.get("title") or "",
-                    score=float(score),
-                    source=d.get("source") or "",
-                )
-            )
-            if len(hits) == k:
-                break
-        return hits
+    def _fetch(self, rows: Sequence[int]) -> dict[int, dict[str, Any]]:
+        if len(self.infos) == 1:
+            return dict(zip(rows, self._shards.submit(0, "documents", rows).result()))
+        owner = np.searchsorted(self._starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+        by_shard: dict[int, list[int]] = {}
+        for row, s in zip(rows, owner.tolist()):
+            by_shard.setdefault(s, []).append(int(row))
+        calls = {s: self._shards.submit(s, "documents", rs) for s, rs in by_shard.items()}
+        out: dict[int, dict[str, Any]] = {}
+        for s, call in calls.items():
+            out.update(zip(by_shard[s], call.result()))
+        return out
 
-    def get_document(self, row: int) -> Document:
-        return self.docs.get(row)
+    def _hits(self, ranked: list[list[tuple[int, float]]], k: int) -> list[list[Hit]]:
+        """Documents for the ranked rows, de-duplicated by doc_id and by identical text.
+
+        Documents are fetched in rounds (k candidates per query from one local index, 2k from
+        shards), so duplicates cost another round only when they occur.
+        """
+        results: list[list[Hit]] = [[] for _ in ranked]
+        seen_ids: list[set[str]] = [set() for _ in ranked]
+        seen_text: list[set[str]] = [set() for _ in ranked]
+        pos = [0] * len(ranked)
+        window = k if self._local is not None and len(self._local) == 1 else 2 * k
+        while True:
+            todo = [q for q in range(len(ranked)) if len(results[q]) < k and pos[q] < len(ranked[q])]
+            if not todo:
+                return results
+            wanted = {int(row) for q in todo for row, _ in ranked[q][pos[q] : pos[q] + window]}
+            docs = self._fetch(sorted(wanted))
+            for q in todo:
+                for row, score in ranked[q][pos[q] : pos[q] + window]:
+                    pos[q] += 1
+                    d = docs[int(row)]
+                    doc_id, text = str(d["doc_id"]), d.get("text") or ""
+                    key = _dedup_key(text)
+                    if doc_id in seen_ids[q] or (key and key in seen_text[q]):
+                        continue
+                    seen_ids[q].add(doc_id)
+                    seen_text[q].add(key)
+                    results[q].append(Hit(doc_id=doc_id, text=text, title=d.get("title") or "", score=float(score),
+                                          source=d.get("source") or ""))
+                    if len(results[q]) == k:
+                        break
+            window *= 2
 
     def __repr__(self) -> str:
-        return f"HybridRetriever({str(self.path)!r}, docs={self.doc_count}, modes={self.modes})"
+        where = repr(str(self.path)) if self.path is not None else f"shards={len(self.infos)}"
+        return f"HybridRetriever({where}, docs={self.doc_count}, modes={self.modes})"
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -375,7 +416,7 @@ def build_index(
             },
             "encoder": enc_info,
             "dense": dense_info,
-            "build_config": dataclasses.asdict(cfg),
+            "build_config": cfg.settings(),
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         manifest.update(extra)

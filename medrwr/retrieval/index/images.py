@@ -22,8 +22,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from medrwr.errors import ImageIndexError, ImageLoadError  # noqa: F401 (re-exported)
-from medrwr.retrieval.base import ImageHit
+from medrwr.errors import ImageIndexError, ImageLoadError
+from medrwr.retrieval.base import ImageHit, ImageRetriever
 from medrwr.retrieval.encoders.image import ImageEncoder, load_image_encoder
 from medrwr.retrieval.image_io import dicom_to_pil
 
@@ -83,7 +83,7 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class ImageIndex:
+class ImageIndex(ImageRetriever):
     """(image, report) pairs with their embeddings; searched by cosine similarity (FAISS flat IP)."""
 
     def __init__(self, path: Path, items: list[dict], embeddings: np.ndarray, encoder: ImageEncoder):
@@ -99,6 +99,14 @@ class ImageIndex:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def doc_count(self) -> int:
+        return len(self.items)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "image-index", "doc_count": self.doc_count, "encoder": self.encoder.name,
+                "path": str(self.path)}
 
     @classmethod
     def build(cls, manifest: str | Path, out_dir: str | Path, images_dir: str | Path | None = None,
@@ -273,15 +281,9 @@ def build_demo_image_index(out_dir: str | Path | None = None, encoder: ImageEnco
 
 
 __all__ = [
-    "HFClipEncoder",
-    "ImageEncoder",
+    "ImageCase",
     "ImageIndex",
-    "ImageIndexError",
-    "ImageLoadError",
-    "OpenClipEncoder",
-    "PixelStatsEncoder",
     "build_demo_image_index",
-    "load_image",
-    "load_image_encoder",
+    "default_demo_image_index_path",
     "read_image_manifest",
 ]

@@ -17,6 +17,9 @@ Exceptions (each carries ``.queries``, the batch that failed)::
      ├── BadRetrievalResponse    an answer we cannot use (not JSON, wrong shape, a 5xx)
      └── RetrievalRequestError   the server refused the request (4xx: bad input, wrong API key);
                                  ``.status`` and ``.code`` come from the server's error body
+
+Long module: both clients and the core they share (requests, parsing, the retry policy) stay
+together, so the policy is written once and read next to its two drivers.
 """
 
 from __future__ import annotations
@@ -34,14 +37,19 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from medrwr.errors import RetrievalRequestError  # noqa: F401 (re-exported)
-from medrwr.retrieval.base import (
+from medrwr.errors import (
     BadRetrievalResponse,
-    Hit,
-    ImageHit,
     RetrievalError,
+    RetrievalRequestError,
     RetrievalTimeout,
     RetrievalUnavailable,
+)
+from medrwr.retrieval.base import (
+    SEARCH_MODES,
+    Hit,
+    ImageHit,
+    ImageRetriever,
+    Retriever,
     SearchMode,
     check_search_args,
 )
@@ -291,6 +299,8 @@ class _ClientCore:
         return BadRetrievalResponse(f"retrieval server at {self.url} failed (HTTP {status}): {message}", queries)
 
     def _search_steps(self, queries: list[str], k: int, mode: SearchMode | None) -> list[_Step]:
+        if mode is not None and mode not in SEARCH_MODES:  # the server checks the index's own modes
+            raise ValueError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(SEARCH_MODES)}")
         out = []
         for start in range(0, len(queries), self.max_batch):
             chunk = queries[start : start + self.max_batch]
@@ -313,11 +323,27 @@ def _with_batch(exc: RetrievalError, queries: Sequence[Any]) -> RetrievalError:
     return exc
 
 
-class RetrievalClient(_ClientCore):
+def _describe(url: str, health: dict[str, Any], mode: str | None) -> dict[str, Any]:
+    modes = list(health.get("modes") or [])
+    return {
+        "kind": "http",
+        "url": url,
+        "doc_count": int(health.get("documents") or 0),
+        "modes": modes,
+        "default_mode": mode or health.get("default_mode"),
+        "encoder": health.get("encoder"),
+        "server": {"retriever": health.get("retriever"), "index": health.get("index")},
+    }
+
+
+class RetrievalClient(_ClientCore, Retriever):
     """Sync client: ``RetrievalClient("http://127.0.0.1:8321").search(["chest pain"], k=3)``.
 
     One pooled ``httpx.Client`` (keep-alive connections are reused); close it with :meth:`close`
     or use the client as a context manager. Batches bigger than ``max_batch`` are sent in chunks.
+    ``modes``, ``default_mode`` and ``doc_count`` come from the server's ``/healthz`` (asked once,
+    on first use; :meth:`warmup` asks now). :meth:`image_retriever` is its image search as an
+    :class:`~medrwr.retrieval.base.ImageRetriever`.
     """
 
     def __init__(self, url: str, api_key: str | None = None, *, transport: Any = None, **kwargs: Any):
@@ -325,6 +351,35 @@ class RetrievalClient(_ClientCore):
         import httpx
 
         self._http = httpx.Client(transport=transport, **self._httpx_kwargs())
+        self._health: dict[str, Any] | None = None
+
+    def _server(self) -> dict[str, Any]:
+        if self._health is None:
+            self._health = self.health()
+        return self._health
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(self._server().get("modes") or ())
+
+    @property
+    def default_mode(self) -> str:
+        return str(self.mode or self._server().get("default_mode"))
+
+    @property
+    def doc_count(self) -> int:
+        return int(self._server().get("documents") or 0)
+
+    def describe(self) -> dict[str, Any]:
+        return _describe(self.url, self._server(), self.mode)
+
+    def warmup(self) -> None:
+        """Check now that the server answers (raises RetrievalUnavailable naming the URL if not)."""
+        self._health = self.health()
+
+    def image_retriever(self) -> RemoteImageRetriever:
+        """The server's ``/v1/search/image`` as an ImageRetriever (sharing this client's connections)."""
+        return RemoteImageRetriever(self)
 
     def _drive(self, steps: _Step) -> Any:
         import httpx
@@ -386,8 +441,25 @@ class RetrievalClient(_ClientCore):
     def __enter__(self) -> RetrievalClient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+
+class RemoteImageRetriever(ImageRetriever):
+    """A retrieval server's image index, through a :class:`RetrievalClient`."""
+
+    def __init__(self, client: RetrievalClient):
+        self.client = client
+
+    @property
+    def doc_count(self) -> int:
+        return int(self.client._server().get("images") or 0)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "http-image", "url": self.client.url, "doc_count": self.doc_count, "encoder": None}
+
+    def search_images(self, images: Sequence[Any], k: int = 1) -> list[list[ImageHit]]:
+        return self.client.search_images(images, k=k)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class AsyncRetrievalClient(_ClientCore):
@@ -451,6 +523,10 @@ class AsyncRetrievalClient(_ClientCore):
                 f"cannot reach retrieval server at {self.url}: start it with `medrwr serve retrieval --index DIR` ({exc})"
             ) from exc
 
+    async def describe(self) -> dict[str, Any]:
+        """What :meth:`RetrievalClient.describe` says, asked now (the async client caches nothing)."""
+        return _describe(self.url, await self.health(), self.mode)
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -461,12 +537,4 @@ class AsyncRetrievalClient(_ClientCore):
         await self.aclose()
 
 
-__all__ = [
-    "AsyncRetrievalClient",
-    "BadRetrievalResponse",
-    "RetrievalClient",
-    "RetrievalError",
-    "RetrievalRequestError",
-    "RetrievalTimeout",
-    "RetrievalUnavailable",
-]
+__all__ = ["AsyncRetrievalClient", "RemoteImageRetriever", "RetrievalClient"]

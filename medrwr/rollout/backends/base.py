@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from medrwr.errors import BackendError  # noqa: F401 (re-exported)
+from medrwr.errors import BackendError
 
 FinishReason = Literal["stop", "eos", "length"]
 
@@ -119,7 +119,9 @@ class PolicyBackend(Protocol):
     ``prepare_prompt`` renders chat messages with the model's chat template (for a VLM the ids equal
     ``processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)``, which TRL relies on);
     ``encode_image`` turns one image into its placeholder ids and model inputs, for CDIR's inserted case image
-    (text-only backends raise :class:`BackendError`).
+    (text-only backends raise :class:`BackendError`). ``supports_images`` is part of the contract, not a probe:
+    True when this backend *with its loaded checkpoint* takes image inputs; the engine rejects image questions
+    and CDIR skips its second look when it is False.
     """
 
     tokenizer: Any

