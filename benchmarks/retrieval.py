@@ -284,6 +284,15 @@ def table(rows: list[dict], cols: list[str], title: str) -> str:
     return "\n".join(lines)
 
 
+
+def _torch_threads() -> int | None:
+    """torch's intra-op thread count in this process (printed and recorded with every benchmark), or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, about 3 minutes")
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "mode": "quick" if quick else "full",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "load_avg_at_start": os.getloadavg()},
+                    "load_avg_at_start": os.getloadavg(), "torch_threads": _torch_threads()},
     }
     out_lines: list[str] = []
 
@@ -325,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         print(s, flush=True)
         out_lines.append(s)
 
+    show(f"torch threads: {report['machine']['torch_threads']}")
+
     # 1. default KB: cold build (static table + KB) and later start -----------------------------------------
     kb = run_worker("kb", {}, env=env)
-    load = run_worker("load", {"index": str(cache / "indexes" / "default-kb-v1")}, env=env)
+    from medrwr.kb.default import KB_VERSION
+
+    load = run_worker("load", {"index": str(cache / "indexes" / KB_VERSION)}, env=env)
     report["default_kb"] = {
         "static_table_build_s": kb["static_table_s"], "static_table_was_cached": table_cached, "kb_build_s": kb["kb_s"],
         "first_use_total_s": kb["process_wall_s"], "first_use_cpu_s": kb["cpu_s"],

@@ -394,6 +394,15 @@ def _level(server: str, url: str, qfile: Path, c: int, total: int, malformed: fl
     return res
 
 
+
+def _torch_threads() -> int | None:
+    """torch's intra-op thread count in this process (printed and recorded with every benchmark), or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5k passages, fewer requests")
@@ -486,13 +495,14 @@ def main() -> None:
     ceilings.append(ceiling_run("after the servers"))
     ceiling = {k: float(np.mean([c[k] for c in ceilings])) for k in ceilings[0]}
 
-    table = _table(rows, ceiling)
+    table = _table(rows, ceiling) + f"\ntorch threads: {_torch_threads()} (driver; the servers set os.cpu_count())"
     print("\n" + table)
     result = {
         "benchmark": "retrieval_server", "driver": args.driver, "quick": args.quick, "passages": n,
         "mode": args.mode, "k": K,
         "encoder": "all-MiniLM-L6-v2 (packaged)", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                              "python": platform.python_version()},
+                                                              "python": platform.python_version(),
+                                                              "torch_threads": _torch_threads()},
         "load_start": started, "load_end": os.getloadavg(),
         "in_process_qps": {k: round(v, 1) for k, v in ceiling.items()},
         "in_process_runs": ceilings, "rows": rows, "summary": _summary(rows, ceiling),

@@ -277,6 +277,15 @@ def _time(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
+
+def _torch_threads() -> int | None:
+    """torch's intra-op thread count in this process (printed and recorded with every benchmark), or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer batches and repetitions")
@@ -435,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     hdr = f"{'reward':30s} {'ours/traces':>12s} {'ours/strings':>13s} {'baseline':>10s} {'speedup':>8s}  note"
-    print(f"Reward time per 1,000 traces (ms), median of {reps}; {n_traces} traces in batches of 64")
+    print(f"Reward time per 1,000 traces (ms), median of {reps}; {n_traces} traces in batches of 64; "
+          f"torch threads: {_torch_threads()}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "torch_threads": _torch_threads(),
         "n_traces": n_traces,
         "repetitions": reps,
         "rows": rows,

@@ -1,7 +1,8 @@
 """Rollout benchmark: the token-exact reason-query-retrieve loop vs plain generation and vs the naive loop.
 
-Run ``python benchmarks/rollout.py --quick`` (under 2 minutes on 2 cores) or without ``--quick``. Prints a
-table and writes ``benchmarks/results/rollout.json``.
+Run ``python benchmarks/rollout.py --quick`` (sections 1-4 under 2 minutes on 2 cores; section 5, 50 questions
+twice, about 10 more: ``--no-constrained`` skips it) or without ``--quick``. Prints a table and writes
+``benchmarks/results/rollout.json``.
 
 Policy: the packaged SmolLM2-135M-Instruct (GGUF, CPU, float32), prompted with the protocol. A random or small
 model does not write our tags, so every row follows a forced transcript (medrwr.testing.ForcedTranscript) of
@@ -24,6 +25,14 @@ Measured in one run:
    The token-exact engine's prefix check runs on every turn: its mismatch count must be 0.
 4. The same naive-vs-exact mismatch count with the Qwen2.5 tokenizer (tiny random Qwen2 LM, fast), where BPE
    merges across block boundaries (``">\\n"``) make the drift visible even in forced text.
+5. **Constrained decoding** (``rollout.constrain: protocol``, llguidance): SmolLM2 answers questions built from
+   the default KB (HPO definitions -> "which term is defined as ...?", 4 options; ``--questions``, 50), with no
+   forcing at all, greedy, once free and once constrained: grammar-valid rate, rollouts with at least one query,
+   answers inside the options, accuracy, tokens/s. The tokens/s cost is also measured where the texts are the
+   same: the grammar processor's own share of generation time, and one first-turn ``generate`` over the same
+   prompts with and without the grammar. Retrieval is an in-memory FakeRetriever over the HPO passages.
+
+Every run prints and records the torch thread count (``--threads``, default 1).
 """
 
 from __future__ import annotations
@@ -121,7 +130,7 @@ def run_plain(backend, requests, engine_for_prompts, n_new: int) -> float:
     """One batched generate of ``n_new`` tokens per row from the same prompts (no loop, no recording)."""
     import torch
 
-    prompts = [engine_for_prompts._prepare(r, i).prompt_ids for i, r in enumerate(requests)]
+    prompts = [engine_for_prompts._prepare(r, i).transcript.prompt_ids for i, r in enumerate(requests)]
     width = max(map(len, prompts))
     pad = backend.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -248,6 +257,145 @@ def bench_policy(name: str, backend, batch: int, rounds: int, think_tokens: int,
     return out
 
 
+def kb_questions(n: int, seed: int = 0):
+    """``n`` multiple-choice questions from the default KB's HPO passages (definition -> term, 4 options), and
+    the passages as a FakeRetriever corpus. Deterministic."""
+    import itertools
+    import random
+
+    from medrwr.kb.default import iter_default_kb_documents
+    from medrwr.rollout.engine import RolloutRequest
+
+    docs = list(itertools.islice(iter_default_kb_documents(["HPO"]), 2000))
+
+    def definition(d) -> str:
+        body = d.text.split("). ", 1)[1] if "). " in d.text else ""
+        return body.split(". ")[0].strip().rstrip(".")
+
+    cands = [d for d in docs if 40 <= len(definition(d)) <= 200 and "<" not in d.title and ">" not in d.title]
+    rng = random.Random(seed)
+    picked = cands[:: max(1, len(cands) // n)][:n]
+    titles = sorted({c.title for c in cands})
+    requests, gold = [], []
+    for i, d in enumerate(picked):
+        opts = rng.sample([t for t in titles if t != d.title], 3)
+        at = rng.randrange(4)
+        opts.insert(at, d.title)
+        requests.append(RolloutRequest(f"Which term is defined as: {definition(d)}?", opts, request_id=f"kb{i}"))
+        gold.append("ABCD"[at])
+    return requests, gold, {d.doc_id: d.text for d in docs}
+
+
+class _GrammarTimer:
+    """Times GrammarLogitsProcessor calls (mask computation and application) across a run."""
+
+    def __enter__(self):
+        from medrwr.rollout import constrain
+
+        self.cls, self.orig, self.seconds = constrain.GrammarLogitsProcessor, constrain.GrammarLogitsProcessor.__call__, 0.0
+        timer = self
+
+        def timed(proc, input_ids, scores):
+            t0 = time.perf_counter()
+            try:
+                return timer.orig(proc, input_ids, scores)
+            finally:
+                timer.seconds += time.perf_counter() - t0
+
+        self.cls.__call__ = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.__call__ = self.orig
+
+
+def bench_constrained(backend, n_questions: int, batch: int, think_tokens: int,
+                      modes: tuple[str, ...] = ("none", "protocol")) -> dict[str, Any]:
+    """Section 5: SmolLM2 free vs constrained on KB questions (no forcing), plus matched tokens/s."""
+    from medrwr.config import RolloutConfig
+    from medrwr.retrieval.base import FakeRetriever
+    from medrwr.rollout.backends.base import GenerationState
+    from medrwr.rollout.engine import RolloutEngine
+
+    backend.logits_processors = []
+    requests, gold, docs = kb_questions(n_questions)
+    retriever = FakeRetriever(docs)
+    out: dict[str, Any] = {"questions": len(requests), "batch": batch, "think_tokens": think_tokens}
+    for mode in modes:
+        cfg = RolloutConfig(max_rounds=2, max_new_tokens_per_turn=think_tokens + 40,
+                            max_total_new_tokens=3 * (think_tokens + 40), temperature=0.0, constrain=mode,
+                            constrain_max_think_tokens=think_tokens, constrain_max_query_tokens=16)
+        engine = RolloutEngine(backend, retriever, cfg)
+        traces = []
+        t0 = time.perf_counter()
+        with _GrammarTimer() as gt:
+            for b in range(0, len(requests), batch):
+                traces += engine.run(requests[b : b + batch])
+        wall = time.perf_counter() - t0
+        st = engine.stats
+        out[mode] = {
+            "wall_s": wall,
+            "generate_s": st.generate_s,
+            "model_tokens": st.model_tokens,
+            "tokens_per_s": st.model_tokens / st.generate_s if st.generate_s else None,
+            "grammar_s": gt.seconds,
+            "grammar_frac_of_generate": gt.seconds / st.generate_s if st.generate_s else 0.0,
+            "valid": sum(t.valid for t in traces),
+            "with_query": sum(t.rounds > 0 for t in traces),
+            "choice_in_options": sum(t.choice is not None and t.choice in "ABCD" for t in traces),
+            "correct": sum(t.choice == g for t, g in zip(traces, gold)),
+            "stop_reasons": {r: sum(t.stop_reason == r for t in traces) for r in sorted({t.stop_reason for t in traces})},
+            "example": traces[0].completion_text[:600],
+        }
+    # Matched A/B: the same prompts one at a time (batch 1: no padding steps for rows that stopped early),
+    # free and constrained interleaved so load drift on a shared machine hits both alike.
+    engine = RolloutEngine(backend, None, RolloutConfig(max_rounds=2, constrain="protocol",
+                                                         constrain_max_think_tokens=think_tokens))
+    budget = think_tokens + 40
+    tokens = {"none": 0, "protocol": 0}
+    seconds = {"none": 0.0, "protocol": 0.0}
+    for i, req in enumerate(requests[:6]):
+        row = engine._prepare(req, i)
+        state = GenerationState(row.transcript.next_input(), None, row.request_id)
+        grammar = engine.turn_grammar(row, budget)
+        for mode, cons in (("none", None), ("protocol", [grammar])):
+            t0 = time.perf_counter()
+            (cont,) = backend.generate([state], ("</query>", "</answer>"), budget, constraints=cons)
+            seconds[mode] += time.perf_counter() - t0
+            tokens[mode] += len(cont.token_ids)
+    ab = {m: tokens[m] / seconds[m] for m in tokens}
+    ab["prompts"] = min(6, len(requests))
+    ab["cost_frac"] = 1 - ab["protocol"] / ab["none"]
+    out["matched_first_turn_tokens_per_s"] = ab
+    return out
+
+
+def _constrained_table(c: dict[str, Any], threads: int) -> str:
+    lines = [
+        (f"Constrained decoding, SmolLM2-135M-Instruct on {c['questions']} default-KB questions "
+         f"(greedy, batch {c['batch']}, torch threads {threads})"),
+        ("| decoding | grammar-valid | with >= 1 query | choice in options | correct | model tok | tok/s | "
+         "grammar share of generate |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("none", "protocol"):
+        if mode not in c:
+            continue
+        r = c[mode]
+        n = c["questions"]
+        lines.append(
+            f"| {mode} | {r['valid']}/{n} | {r['with_query']}/{n} | {r['choice_in_options']}/{n} | {r['correct']}/{n} | "
+            f"{r['model_tokens']} | {r['tokens_per_s']:.2f} | {100 * r['grammar_frac_of_generate']:.1f}% |"
+        )
+    ab = c["matched_first_turn_tokens_per_s"]
+    lines.append(
+        f"Matched first turn (same {ab['prompts']} prompts, batch 1): {ab['none']:.2f} tok/s free, "
+        f"{ab['protocol']:.2f} tok/s "
+        f"constrained: cost {100 * ab['cost_frac']:.1f}%"
+    )
+    return "\n".join(lines)
+
+
 def _table(results: list[dict[str, Any]]) -> str:
     header = (
         "| policy | batch x rounds | model tok | inserted tok | RwR wall s | generate s (forcing) | retrieval s | "
@@ -276,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-qwen", action="store_true", help="skip the tiny-Qwen tokenizer row")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: on a shared 2-core box 2 threads run ~5x slower)")
+    ap.add_argument("--questions", type=int, default=50, help="default-KB questions for the constrained section")
+    ap.add_argument("--only-constrained", action="store_true", help="run only section 5 (constrained decoding)")
+    ap.add_argument("--no-constrained", action="store_true", help="skip section 5 (constrained decoding)")
+    ap.add_argument("--think", type=int, default=None,
+                    help="section 5: think-block cap in tokens (rollout.constrain_max_think_tokens; default 48)")
+    ap.add_argument("--modes", default="none,protocol", help="section 5: decodings to run (none,protocol)")
     args = ap.parse_args(argv)
 
     import torch
@@ -291,16 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     smol = load_hf_policy(None, seed=0)
     load_s = time.perf_counter() - t0
-    print(f"loaded SmolLM2-135M-Instruct (GGUF -> fp32) in {load_s:.1f}s", file=sys.stderr)
-    results.append(bench_policy("SmolLM2-135M-Instruct", smol, batch, rounds, think, do_plain=True))
+    print(f"loaded SmolLM2-135M-Instruct (GGUF -> fp32) in {load_s:.1f}s; torch threads {torch.get_num_threads()}",
+          file=sys.stderr)
+    if not args.only_constrained:
+        results.append(bench_policy("SmolLM2-135M-Instruct", smol, batch, rounds, think, do_plain=True))
+    constrained = None
+    if not args.no_constrained:
+        think_cap = args.think or 48  # 24 made SmolLM2 search on fewer than half of the questions
+        constrained = bench_constrained(smol, args.questions, batch=10, think_tokens=think_cap,
+                                        modes=tuple(args.modes.split(",")))
     del smol
-    if not args.no_qwen:
+    if not args.no_qwen and not args.only_constrained:
         from medrwr.testing import tiny_causal_lm
 
         folder = tiny_causal_lm()
         qwen = HFBackend(AutoModelForCausalLM.from_pretrained(folder).eval(), load_tokenizer(folder), seed=0)
         results.append(bench_policy("tiny Qwen2 (Qwen2.5 tokenizer)", qwen, batch, rounds, think, do_plain=True))
-    table = _table(results)
+    table = f"torch threads: {torch.get_num_threads()}\n" + (_table(results) if results else "")
+    if constrained is not None:
+        table += "\n\n" + _constrained_table(constrained, torch.get_num_threads())
     print(table)
     payload = {
         "benchmark": "rollout",
@@ -309,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads()},
         "smollm2_load_s": load_s,
         "results": results,
+        "constrained": constrained,
         "table": table,
     }
     out = Path(args.out)

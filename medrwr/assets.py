@@ -25,6 +25,11 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("medrwr"))
 
 
+def models_cache_dir() -> Path:
+    """``<cache>/models``: policies converted once from GGUF into safetensors + tokenizer files."""
+    return cache_root() / "models"
+
+
 def package_dir(module: str) -> Path | None:
     """The folder of an installed package (without importing it), or None when it is not installed."""
     spec = importlib.util.find_spec(module)
@@ -63,4 +68,4 @@ def minilm_dir() -> Path:
     return path
 
 
-__all__ = ["cache_root", "minilm_dir", "package_dir", "smollm2_gguf_path"]
+__all__ = ["cache_root", "minilm_dir", "models_cache_dir", "package_dir", "smollm2_gguf_path"]

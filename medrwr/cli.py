@@ -1,6 +1,9 @@
 """The ``medrwr`` command. Commands stay thin: parse flags, load the config, call a layer, render.
 
 Heavy libraries are imported inside commands, so ``medrwr --help`` is instant.
+
+Long module: every command's flags, help and input checks live in this one typer app (so ``--help``
+needs one import); the work itself is done by the layers each command calls.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 index_app = typer.Typer(help="Build and inspect knowledge-base indexes.", no_args_is_help=True)
-serve_app = typer.Typer(help="Run the retrieval service or the OpenAI-compatible API.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run the retrieval service (the OpenAI-compatible API is not available in this version).",
+                        no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(serve_app, name="serve")
 
@@ -42,17 +46,31 @@ def _config(config: Optional[str], overrides: Optional[List[str]]) -> Config:
         raise CLIError(f"config error: {exc}") from None
 
 
-def _not_built(command: str, issue: str) -> None:
+def _not_built(command: str, will: str) -> None:
+    from medrwr import __version__
+
     err_console.print(
-        f"[yellow]`medrwr {command}` is not built yet[/yellow] ({issue}). It does nothing rather than pretend."
+        f"[yellow]`medrwr {command}` is not available in this version[/yellow] (medrwr {__version__}). "
+        f"When it is, it will {will}. It does nothing rather than pretend.",
+        highlight=False,
     )
     raise typer.Exit(code=2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from medrwr import __version__
+
+        typer.echo(f"medrwr {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
     debug: bool = typer.Option(False, "--debug", help="Log at DEBUG level."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,6 +84,14 @@ def index_build(
     corpus: str = typer.Option(..., "--corpus", help="Corpus file (JSONL, TSV/CSV, parquet) or 'default'."),
     out: str = typer.Option(..., "--out", help="Index directory to write (atomically)."),
     preset: str = typer.Option("auto", "--preset", help="Column mapping: auto, medrag, medrwr, flashrag, plain."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the passage text "
+                                              "(default: the preset's: text, content or contents)."),
+    title_column: Optional[str] = typer.Option(None, "--title-column", help="Column holding the title "
+                                               "(default: title)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Column holding the document id "
+                                            "(default: id, _id, doc_id or docid; else the row number)."),
+    allow_multiline_csv: bool = typer.Option(False, "--allow-multiline-csv", help="Accept TSV/CSV records whose "
+                                             "quoted fields span lines (otherwise an error: usually an unclosed quote)."),
     config: Optional[str] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
@@ -73,6 +99,9 @@ def index_build(
     import time
 
     cfg = _config(config, overrides)
+    if corpus == "default" and (text_column or title_column or id_column or allow_multiline_csv or preset != "auto"):
+        raise CLIError("--preset, --text-column, --title-column, --id-column and --allow-multiline-csv apply to a "
+                       "corpus file; --corpus default builds the shipped KB, whose layout is fixed")
     t0 = time.perf_counter()
     try:
         if corpus == "default":
@@ -83,7 +112,8 @@ def index_build(
             from medrwr.retrieval.index.corpus import read_corpus
             from medrwr.retrieval.index.hybrid import build_index
 
-            docs = read_corpus(corpus, preset=preset)
+            docs = read_corpus(corpus, preset=preset, text_column=text_column, title_column=title_column,
+                               id_column=id_column, allow_multiline=allow_multiline_csv)
             path = build_index(docs, out, config=cfg.retrieval)
         from medrwr.retrieval.index.store import load_manifest
 
@@ -102,19 +132,29 @@ def index_info(
     verify: bool = typer.Option(False, "--verify", help="Hash every file in full (slow for big indexes)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Show an index's manifest: documents, encoder, build config, checksums."""
+    """Show an index's manifest: documents, encoder, build config, checksums.
+
+    A changed or damaged file does not hide the manifest: it is shown with the checksum failure,
+    and the command exits 1."""
     import json
 
     from rich.table import Table
 
-    from medrwr.retrieval.index.store import IndexStoreError, load_manifest
+    from medrwr.retrieval.index.store import IndexCorrupt, IndexStoreError, load_manifest
 
+    damage = None
     try:
-        m = load_manifest(path, verify="full" if verify else True)
+        m = load_manifest(path, verify=False)  # no manifest, unreadable, wrong version: nothing to show
+        try:
+            load_manifest(path, verify="full" if verify else True)
+        except IndexCorrupt as exc:
+            damage = str(exc)
     except IndexStoreError as exc:
         raise CLIError(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(m, indent=2, ensure_ascii=False))
+        if damage:
+            raise CLIError(f"the index is damaged: {damage}")
         return
     files = m.get("files", {})
     corpus = m.get("corpus") or {}
@@ -133,7 +173,8 @@ def index_info(
          if enc else "none (BM25 only)"),
         ("faiss", ", ".join(f"{k}={v}" for k, v in dense.items() if v is not None) if dense else "none"),
         ("files", f"{len(files)} files, {sum(f.get('size', 0) for f in files.values()) / 1e6:.1f} MB"),
-        ("checksums", "ok (every byte hashed)" if verify else "ok (size + sha256; big files: ends only)"),
+        ("checksums", "[red]FAILED[/red] (see below)" if damage
+         else "ok (every byte hashed)" if verify else "ok (size + sha256; big files: ends only)"),
     ]
     known = {"kind", "doc_count", "corpus", "modes", "bm25", "encoder", "dense", "build_config",
              "build_seconds", "format_version", "created_at", "medrwr_version", "files", "checksum_policy"}
@@ -144,16 +185,70 @@ def index_info(
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, value if key == "checksums" else escape(value))
     console.print(table)
+    if damage:
+        raise CLIError(f"the index is damaged: {damage}")
+
+
+@index_app.command("build-images")
+def index_build_images(
+    images: Optional[str] = typer.Option(None, "--images", help="Folder of images (PNG, JPEG, ..., DICOM)."),
+    reports: Optional[str] = typer.Option(
+        None, "--reports", help="JSONL / JSON / CSV / TSV file, one row per image: columns 'image', 'report'."
+    ),
+    out: Optional[str] = typer.Option(None, "--out", help="Image index directory to write (atomically)."),
+    encoder: str = typer.Option(
+        "pixel-stats", "--encoder", help="pixel-stats, hf:<CLIP folder or hub id>, open_clip:<id>, a CLIP folder."
+    ),
+    demo: bool = typer.Option(False, "--demo", help="Build the demo index from packaged sample images instead."),
+    copy: bool = typer.Option(True, "--copy/--no-copy", help="Copy the images into the index, or refer to them."),
+) -> None:
+    """Build a CDIR image index from a folder of images and a reports file (see README, "Try CDIR")."""
+    import time
+
+    from medrwr.errors import ImageIndexError, IndexStoreError
+    from medrwr.retrieval.index import images as image_index
+
+    t0 = time.perf_counter()
+    try:
+        if demo:
+            if images or reports:
+                raise CLIError("--demo builds from packaged sample images; drop --images/--reports (or --demo)")
+            path = (image_index.build_demo_image_index(out, encoder=encoder) if out
+                    else image_index.ensure_demo_image_index(encoder=encoder))
+        else:
+            missing = [flag for flag, v in (("--images", images), ("--reports", reports), ("--out", out)) if not v]
+            if missing:
+                raise CLIError(f"missing {', '.join(missing)}: medrwr index build-images --images DIR "
+                               "--reports FILE --out DIR (or --demo)", code=2)
+            assert images and reports and out
+            path = image_index.ImageIndex.build(reports, out, images_dir=images, encoder=encoder,
+                                                copy_images=copy, progress=True)
+            skipped = image_index.unreported_images(images, reports, exclude=out)
+            if skipped:
+                names = ", ".join(p.name for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+                err_console.print(f"[yellow]note:[/yellow] {len(skipped)} image(s) in {images} have no report "
+                                  f"row and were not indexed: {escape(names)}", highlight=False, soft_wrap=True)
+        idx = image_index.ImageIndex.load(path)
+    except (ImageIndexError, IndexStoreError) as exc:
+        raise CLIError(str(exc)) from None
+    except (ValueError, OSError, ImportError) as exc:
+        raise CLIError(f"{type(exc).__name__}: {exc}") from None
+    name = "demo" if demo and not out else path
+    console.print(f"[green]built[/green] image index {path}: {idx.doc_count} images, encoder {idx.encoder.name}, "
+                  f"in {time.perf_counter() - t0:.1f}s. Use it with: medrwr ask ... --image IMG --cdir "
+                  f"--set cdir.image_index={name}", highlight=False, soft_wrap=True)
 
 
 @app.command("retrieve")
 def retrieve(
     query: List[str] = typer.Argument(..., help="One or more queries."),
     index: Optional[str] = typer.Option(None, "--index", help="Index directory (default: shipped KB)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="bm25, dense or hybrid."),
-    k: Optional[int] = typer.Option(None, "-k", help="Hits per query."),
+    mode: Optional[str] = typer.Option(
+        None, "--mode", help="bm25, dense or hybrid (default: the index's own, hybrid when it has embeddings)."
+    ),
+    k: Optional[int] = typer.Option(None, "-k", help=f"Hits per query, 1 to 100 (default: retrieval.k, {Config().retrieval.k})."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     config: Optional[str] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -161,6 +256,7 @@ def retrieve(
     """Search the knowledge base (an index, the default KB, or a server with --set retrieval.url=URL)."""
     import json
 
+    from medrwr.retrieval import limits
     from medrwr.retrieval.base import SEARCH_MODES
 
     cfg = _config(config, overrides)
@@ -168,8 +264,8 @@ def retrieve(
     if mode is not None and mode not in SEARCH_MODES:
         raise CLIError(f"unknown mode {mode!r}; choose one of {', '.join(SEARCH_MODES)}")
     k = rcfg.k if k is None else k
-    if k < 1:
-        raise CLIError(f"-k must be >= 1, got {k}")
+    limits.check_queries(query)  # the limits the server and every retriever apply, before any index loads
+    limits.check_k(k)
     if index:
         rcfg.index = index
     from medrwr.retrieval.open import open_retriever
@@ -194,7 +290,8 @@ def retrieve(
     from rich.table import Table
 
     for q, hits in zip(query, results):
-        table = Table(title=f"{q!r}  ({mode}, k={k}, {about['doc_count']} documents)", expand=True)
+        shown = repr(q) if len(q) <= 80 else f"{q[:80]!r}… ({len(q)} characters)"
+        table = Table(title=f"{shown}  ({mode}, k={k}, {about['doc_count']} documents)", expand=True)
         table.add_column("#", justify="right", no_wrap=True)
         table.add_column("score", justify="right", no_wrap=True)
         table.add_column("source", no_wrap=True)
@@ -263,11 +360,55 @@ def serve_retrieval(
 
 @serve_app.command("api")
 def serve_api() -> None:
-    """Run the OpenAI-compatible API that executes the whole reasoning-with-retrieval loop."""
-    _not_built("serve api", "no issue yet: serving and UX")
+    """Run the OpenAI-compatible API over the whole loop (not available in this version)."""
+    _not_built("serve api", "serve the reasoning-with-retrieval loop as an OpenAI-compatible chat API "
+               "(default port 8322)")
 
 
 # ------------------------------------------------------------------------------------------ rollout
+
+
+def _check_ask_inputs(cfg: Config, question: str, options: List[str], images: List[str]) -> None:
+    """What ``ask`` can refuse in well under a second: the question and options (the shared limits),
+    the image files (exist and decode), the index (has a manifest) or the retrieval server (answers)."""
+    from pathlib import Path
+
+    from medrwr.protocol import OPTION_LETTERS
+    from medrwr.retrieval import limits
+
+    limits.check_question(question, options, max_options=len(OPTION_LETTERS))
+    if images:
+        from medrwr.errors import ImageLoadError
+        from medrwr.retrieval.image_io import load_image
+
+        for p in images:
+            try:
+                load_image(p)
+            except ImageLoadError as exc:
+                raise CLIError(f"--image {p}: {exc}") from None
+    rcfg = cfg.retrieval
+    if rcfg.url:
+        from medrwr.errors import RetrievalError
+        from medrwr.retrieval.service.client import RetrievalClient
+
+        try:
+            with RetrievalClient(rcfg.url, timeout=5.0, retries=0) as client:
+                client.health()
+        except (RetrievalError, ValueError) as exc:
+            why = exc.__cause__ or exc
+            raise CLIError(
+                f"the retrieval server at {rcfg.url} (retrieval.url) does not answer ({why}); start it with "
+                "`medrwr serve retrieval` in another terminal, or drop retrieval.url to search in-process"
+            ) from None
+    elif rcfg.index:
+        from medrwr.retrieval.index.store import load_manifest
+
+        load_manifest(rcfg.index, verify=False)  # IndexStoreError: one line, says how to build it
+    named = cfg.cdir.image_index
+    if cfg.cdir.enabled and named and named.strip() != "demo" \
+            and not (Path(named).expanduser() / "manifest.json").is_file():
+        raise CLIError(f"image index {named} does not exist; build one with `medrwr index build-images "
+                       f"--images DIR --reports FILE --out {named}`, or use --image-index demo")
 
 
 @app.command("ask")
@@ -280,15 +421,25 @@ def ask(
     cdir: bool = typer.Option(False, "--cdir", help="Confidence-driven image re-retrieval."),
     image_index: Optional[str] = typer.Option(None, "--image-index", help="Image index for --cdir."),
     as_json: bool = typer.Option(False, "--json", help="Print the trace as JSON."),
+    constrain: Optional[bool] = typer.Option(
+        None, "--constrain/--no-constrain",
+        help="Grammar-constrained decoding of the protocol (rollout.constrain). Default: on for the packaged "
+             "SmolLM2 demo policy, off for other models.",
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="torch CPU threads (model.threads; default 1 on <= 2 cores, else half)."
+    ),
     config: Optional[str] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Answer one question with the reasoning-with-retrieval loop and print the trace."""
-    from pathlib import Path
-
     cfg = _config(config, overrides)
     if model:
         cfg.model.name = model
+    if constrain is not None:
+        cfg.rollout.constrain = "protocol" if constrain else "none"
+    if threads is not None:
+        cfg.model.threads = threads
     if index:
         cfg.retrieval.index = index
     if cdir:
@@ -296,9 +447,7 @@ def ask(
     if image_index:
         cfg.cdir.image_index = image_index
     images = list(image or [])
-    for p in images:
-        if not Path(p).is_file():
-            raise CLIError(f"image file {p} does not exist")
+    _check_ask_inputs(cfg, question, list(option or []), images)  # every cheap check before any model loads
     from medrwr.rollout.backends import BackendError, policy_supports_images
 
     if images and cfg.model.backend == "hf" and policy_supports_images(cfg.model.name) is False:
@@ -334,20 +483,23 @@ def ask(
 
 @app.command("eval")
 def eval_cmd() -> None:
-    """Evaluate on medical VQA benchmarks (direct, RAG, RwR, RwR+CDIR)."""
-    _not_built("eval", "no issue yet: evaluation harness")
+    """Evaluate on medical VQA benchmarks (not available in this version)."""
+    _not_built("eval", "score a policy on medical VQA benchmarks in four settings (direct answer, RAG, "
+               "reasoning-with-retrieval, and with CDIR) and save per-question rows beside the summary")
 
 
 @app.command("train")
 def train() -> None:
-    """Two-stage GRPO training."""
-    _not_built("train", "no issue yet: two-stage GRPO training")
+    """Two-stage GRPO training (not available in this version)."""
+    _not_built("train", "train a policy with two-stage GRPO (text-only, then multimodal) using the "
+               "rewards in medrwr.rewards")
 
 
 @app.command("demo")
 def demo() -> None:
-    """Open the web demo (reasoning trace, queries, documents, images)."""
-    _not_built("demo", "no issue yet: serving and UX")
+    """Open the web demo (not available in this version)."""
+    _not_built("demo", "open a web page showing the reasoning trace, the queries, the retrieved documents "
+               "and images")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -186,8 +186,20 @@ class RolloutConfig:
     """A retriever call slower than this is recorded as failed and the rollout continues (0 = no limit)."""
     seed: int | None = None
     """Sampling seed for reproducible rollouts (None = not seeded)."""
+    constrain: Literal["auto", "none", "protocol"] = "auto"
+    """Grammar-constrained decoding (``medrwr.rollout.constrain``): ``protocol`` lets the model write only text that
+    keeps each turn inside the protocol grammar (answer letters limited to the question's options); ``none`` is
+    free decoding (training); ``auto`` = ``protocol`` for the packaged demo policy (``model.name: null``, an
+    untuned SmolLM2 that otherwise answers in prose) and ``none`` for every other model
+    (``medrwr.rollout.constrain.resolve_constrain``)."""
+    constrain_max_think_tokens: int = 256
+    """Constrained decoding: longest think block (tokens); the model may close it earlier."""
+    constrain_max_query_tokens: int = 48
+    """Constrained decoding: longest query block (tokens)."""
 
     def __post_init__(self) -> None:
+        _check(self.constrain_max_think_tokens >= 1, "rollout.constrain_max_think_tokens must be >= 1")
+        _check(self.constrain_max_query_tokens >= 1, "rollout.constrain_max_query_tokens must be >= 1")
         _check(self.retrieval_timeout_s >= 0, "rollout.retrieval_timeout_s must be >= 0 (0 = no limit)")
         _check(self.max_rounds >= 0, f"rollout.max_rounds must be >= 0, got {self.max_rounds}")
         _check(self.queries_per_turn >= 0, "rollout.queries_per_turn must be >= 0 (0 = all)")
@@ -261,6 +273,12 @@ class ModelConfig:
     backend: Literal["hf", "vllm"] = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    threads: int | None = None
+    """torch intra-op CPU threads, set with ``torch.set_num_threads`` when the backend loads; None = auto
+    (``medrwr.rollout.backends.registry.resolve_threads``: 1 on <= 2 cores, else half the cores, at most 8)."""
+
+    def __post_init__(self) -> None:
+        _check(self.threads is None or self.threads >= 1, f"model.threads must be >= 1 or null (auto), got {self.threads}")
 
 
 @dataclass

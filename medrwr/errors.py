@@ -11,6 +11,9 @@ Each class also keeps the builtin base it had before the tree existed (``ConfigE
      ├── MissingExtraError (ImportError)  an optional dependency is absent; names the extra (exit 3)
      │    └── KnowledgeBaseError        a knowledge-source package for the default KB is absent
      │         └── VocabularyError      a vocabulary package (HPO, MeSH, ICD-10-CM, drugs) is absent
+     ├── InputError (ValueError)        a query, k, batch or question breaks the shared limits
+     │    │                             (medrwr.retrieval.limits); carries ``code``, ``param`` (exit 2)
+     │    └── InputTypeError (TypeError)  the argument has the wrong type (a string, not a list)
      ├── CorpusError (ValueError)       a corpus file cannot be read as documents
      ├── IndexStoreError (ValueError)   an index directory is unusable
      │    ├── IndexMissing              it or its manifest does not exist
@@ -27,6 +30,8 @@ Each class also keeps the builtin base it had before the tree existed (``ConfigE
      ├── ServiceError                  the retrieval / API service cannot start
      │    └── PortInUse (OSError)       the requested host:port is taken
      ├── BackendError (RuntimeError)    a policy backend cannot do what was asked
+     │    ├── HubUnreachable            a hub id cannot be fetched (offline or no network) nor found in the cache
+     │    └── ConstraintError           constrained decoding cannot run (grammar rejected, slow tokenizer, …)
      ├── RolloutDriftError (AssertionError)  token ids drifted between turns: always a bug in MedRwR
      └── CLIError                       a user-facing command failure (``exit_code`` set per case)
 
@@ -63,6 +68,23 @@ class KnowledgeBaseError(MissingExtraError):
 
 class VocabularyError(KnowledgeBaseError):
     """A vocabulary package that :mod:`medrwr.vocab` reads is not installed; names the package."""
+
+
+class InputError(MedRwRError, ValueError):
+    """User input breaks a limit of :mod:`medrwr.retrieval.limits`: an empty or long query, ``k`` out of
+    range, too many queries, an empty or long question. ``code`` and ``param`` are what the server
+    answers in its 400 body; checked before any model or index loads."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, code: str = "invalid_input", param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument has the wrong type (one string instead of a list, a number instead of a query)."""
 
 
 class CorpusError(MedRwRError, ValueError):
@@ -143,6 +165,20 @@ class BackendError(MedRwRError, RuntimeError):
     """The backend cannot do what was asked (bad input, missing capability); the message says what to do."""
 
 
+class HubUnreachable(BackendError):
+    """A model hub id cannot be fetched (``HF_HUB_OFFLINE`` set, or the Hub unreachable) and is not in the local
+    Hugging Face cache; raised once, before any retries, naming the id and saying to pass a local path."""
+
+    def __init__(self, message: str, model_id: str = ""):
+        super().__init__(message)
+        self.model_id = model_id
+
+
+class ConstraintError(BackendError):
+    """Grammar-constrained decoding (``rollout.constrain``) cannot run: the grammar library rejected the
+    grammar, the tokenizer is not a fast one, or the backend cannot constrain; the message says what to set."""
+
+
 class RolloutDriftError(MedRwRError, AssertionError):
     """The ids fed to a turn do not extend the previous turn's ids exactly. Always a bug in our code."""
 
@@ -161,14 +197,18 @@ __all__ = [
     "BadRetrievalResponse",
     "CLIError",
     "ConfigError",
+    "ConstraintError",
     "CorpusError",
     "EncoderError",
+    "HubUnreachable",
     "ImageIndexError",
     "ImageLoadError",
     "IndexCorrupt",
     "IndexMissing",
     "IndexStoreError",
     "IndexVersionMismatch",
+    "InputError",
+    "InputTypeError",
     "KnowledgeBaseError",
     "MedRwRError",
     "MissingExtraError",

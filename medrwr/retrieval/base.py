@@ -9,9 +9,10 @@ chooses which one a config gets.
 from __future__ import annotations
 
 import abc
-import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
+
+from medrwr.retrieval.limits import check_k, check_queries
 
 SearchMode = Literal["bm25", "dense", "hybrid"]
 SEARCH_MODES: tuple[str, ...] = ("bm25", "dense", "hybrid")
@@ -66,15 +67,17 @@ class ImageHit:
 
 
 def check_search_args(queries: Sequence[str], k: Any) -> list[str]:
-    """Validate ``search`` arguments shared by every retriever (in-process, sharded, HTTP); returns the queries as a list."""
-    if isinstance(queries, str):
-        raise TypeError("search() takes a list of queries; wrap a single query as [query]")
-    queries = list(queries)
-    for i, q in enumerate(queries):
-        if not isinstance(q, str):
-            raise TypeError(f"queries[{i}] must be a string, got {type(q).__name__}")
-    if not isinstance(k, numbers.Integral) or k < 1:  # numpy integers are Integral too
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    """Validate ``search`` arguments shared by every retriever (in-process, sharded, HTTP); returns the queries as a list.
+
+    The rules are :mod:`medrwr.retrieval.limits`' (the server and the CLI apply the same ones): each
+    query a non-blank string of at most ``MAX_QUERY_CHARS``, ``k`` a positive integer; an empty batch
+    is allowed (it returns ``[]``). ``k`` above the corpus returns every document, so in-process
+    search does not cap it: ``MAX_K`` caps what a user types (CLI) or sends (server). Raises
+    :class:`~medrwr.errors.InputError` (a ValueError) or :class:`~medrwr.errors.InputTypeError`
+    (a TypeError) before any work.
+    """
+    queries = check_queries(queries, max_queries=None, allow_empty_batch=True)
+    check_k(k, max_k=None)
     return queries
 
 
@@ -103,7 +106,8 @@ class Retriever(abc.ABC):
 
     - ``search(queries, k=3, mode=None)`` returns one list of at most ``k`` hits per query, in query
       order, best first. ``mode`` None means :attr:`default_mode`; a mode outside :attr:`modes`, a
-      bare string instead of a list, or ``k < 1`` raise ValueError/TypeError before any work. A
+      bare string instead of a list, a blank or over-long query (:mod:`medrwr.retrieval.limits`), or
+      ``k < 1`` raise ValueError/TypeError before any work. A
       backend failure raises :class:`~medrwr.errors.RetrievalError` (or a subclass); callers such as
       the rollout engine record it instead of crashing.
     - ``modes``: the search modes this retriever answers, a subset of ``SEARCH_MODES`` in that order.

@@ -104,20 +104,29 @@ def open_retriever(
 def open_image_retriever(config: Config | CDIRConfig | None = None, *, demo: bool = True) -> ImageRetriever | None:
     """The CDIR image index a config names (``cdir.image_index``).
 
-    Without one: the demo index built from packaged sample images when ``demo`` (what ``ask --cdir``
-    uses), else None (a retrieval server then has no image route).
+    ``cdir.image_index`` is an image index folder (``medrwr index build-images``), or ``demo``: the shipped
+    demo index of packaged sample images, built into the cache on first use (a folder literally called
+    ``demo`` is ``./demo``). Without one: the demo index when ``demo`` (what ``ask --cdir`` uses), else
+    None (a retrieval server then has no image route). A missing folder raises
+    :class:`~medrwr.errors.ImageIndexError` saying how to build one.
     """
     cdir = config.cdir if isinstance(config, Config) else (config or CDIRConfig())
-    from medrwr.retrieval.index.images import ImageIndex, build_demo_image_index, default_demo_image_index_path
+    from medrwr.errors import ImageIndexError
+    from medrwr.retrieval.index.images import DEMO_NAME, ImageIndex, ensure_demo_image_index
 
-    if cdir.image_index:
-        return ImageIndex.load(cdir.image_index)
-    if not demo:
+    name = cdir.image_index
+    if name and name.strip() != DEMO_NAME:
+        path = Path(name).expanduser()
+        if not (path / "manifest.json").is_file():
+            what = "does not exist" if not path.exists() else "is not an image index (no manifest.json)"
+            raise ImageIndexError(
+                f"cdir.image_index {name} {what}; build one with `medrwr index build-images --images DIR "
+                f"--reports FILE --out {name}`, or use the shipped demo with --set cdir.image_index={DEMO_NAME}"
+            )
+        return ImageIndex.load(path)
+    if not name and not demo:
         return None
-    path = default_demo_image_index_path()
-    if not (path / "manifest.json").is_file():
-        build_demo_image_index(path)
-    return ImageIndex.load(path)
+    return ImageIndex.load(ensure_demo_image_index())
 
 
 __all__ = ["index_path", "open_image_retriever", "open_retriever", "search_config"]

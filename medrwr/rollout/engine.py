@@ -29,6 +29,11 @@ Decisions (documented in one place):
 * Token budgets count the model tokens in the completion: per turn ``max_new_tokens_per_turn``, in total
   ``max_total_new_tokens``. Inserted tokens don't count; each retrieve block is capped at
   ``max_inserted_tokens`` by truncating documents (by tokens), never the tags.
+* ``constrain="protocol"`` (``rollout.constrain``; :mod:`medrwr.rollout.constrain`) hands the backend one turn
+  grammar per row: think, then query or answer (answer only once ``max_rounds`` retrievals are spent), answer
+  letters limited to the row's options, texts bounded to fit the turn's budget. The trace records it
+  (``constrained``, ``metadata["constrained_logprobs"]``). ``auto`` is resolved by the caller
+  (:func:`medrwr.rollout.constrain.resolve_constrain`); a bare ``auto`` here means free decoding.
 * Confidence is the probability of the token holding the answer's first character that is not whitespace or
   an opening bracket/quote/``*`` (so ``(B)`` and ``**B**`` read the letter), from the generation log-probs; the
   option distribution sums each letter's single-token variants (``B``, ``b``, `` B``, ``>B``, ``(B``...) at
@@ -47,7 +52,7 @@ from typing import Any
 
 from medrwr import protocol
 from medrwr.config import CDIRConfig, RolloutConfig
-from medrwr.errors import RolloutDriftError
+from medrwr.errors import ConstraintError, RolloutDriftError
 from medrwr.retrieval.base import Hit, ImageRetriever, Retriever
 from medrwr.rollout.backends.base import (
     BackendError,
@@ -115,6 +120,7 @@ class RolloutEngine:
         image_retriever: ImageRetriever | None = None,
         cdir: CDIRConfig | None = None,
         with_image: bool | None = None,
+        constrain: str | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self.backend = backend
@@ -134,6 +140,15 @@ class RolloutEngine:
         # Single-token spellings of each option letter: ``B``, ``b``, `` B``, ``>B``, ``(B``... (whichever exist).
         self._watch_letter = protocol.letter_token_ids(self.codec.encode)
         self._watch_ids = list(self._watch_letter)
+        mode = constrain if constrain is not None else self.config.constrain
+        self.constrain: str | None = None if mode in ("none", "auto") else mode
+        if self.constrain not in (None, "protocol"):
+            raise ConstraintError(f"unknown constraint {mode!r} (rollout.constrain); choose none or protocol")
+        if self.constrain and not getattr(backend, "supports_constraints", False):
+            raise ConstraintError(
+                f"the {type(backend).__name__} backend cannot constrain decoding; set rollout.constrain: none"
+            )
+        self._options: dict[int, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ preparing prompts
 
@@ -165,19 +180,29 @@ class RolloutEngine:
         trace = RolloutTrace(prompt_ids=list(prompt.prompt_ids), images=refs, metadata=dict(req.metadata))
         trace.metadata.setdefault("request_id", rid)
         transcript = Transcript(prompt.prompt_ids, self.codec, mm=prompt.mm, name=rid)
-        return Row(index, rid, req.option_letters(), transcript, trace, list(images))
+        row = Row(index, rid, req.option_letters(), transcript, trace, list(images))
+        if self.constrain:
+            trace.constrained = self.constrain
+            trace.metadata["constrained_logprobs"] = getattr(self.backend, "constrained_logprobs", "raw")
+            if req.messages is None and req.options:
+                items = req.options.items() if isinstance(req.options, dict) else zip(protocol.OPTION_LETTERS,
+                                                                                      req.options)
+                self._options[id(row)] = {str(k): str(v) for k, v in items}
+        return row
 
     # ------------------------------------------------------------------ public API
 
     def run(self, requests: Sequence[RolloutRequest]) -> list[RolloutTrace]:
         """Roll out every request; returns one trace per request, in order."""
         t0 = self.clock()
+        self._options.clear()
         rows = [self._prepare(r, i) for i, r in enumerate(requests)]
         self.continue_rows(rows)
         if self.cdir.enabled and self.image_retriever is not None:
             run_cdir(self, rows)
         for row in rows:
             self._finalize(row)
+        self._options.clear()
         self.stats.total_s += self.clock() - t0
         return [r.trace for r in rows]
 
@@ -243,8 +268,13 @@ class RolloutEngine:
             return
         states = [GenerationState(r.transcript.next_input(), r.transcript.mm, r.request_id) for r in runnable]
         budgets = [self._budget(r) for r in runnable]
+        extra: dict[str, Any] = {}
+        if self.constrain:
+            extra["constraints"] = [self.turn_grammar(r, b) for r, b in zip(runnable, budgets)]
         t0 = self.clock()
-        conts = self.backend.generate(states, protocol.STOP_STRINGS, budgets, watch_token_ids=self._watch_ids)
+        conts = self.backend.generate(
+            states, protocol.STOP_STRINGS, budgets, watch_token_ids=self._watch_ids, **extra
+        )
         self.stats.generate_s += self.clock() - t0
         self.stats.generate_calls += 1
         if len(conts) != len(states):
@@ -258,6 +288,21 @@ class RolloutEngine:
                 pending.append((row, queries))
         if pending:
             self._retrieve(pending)
+
+    def turn_grammar(self, row: Row, budget: int):
+        """The grammar of ``row``'s next turn under ``constrain="protocol"``: query allowed while retrievals
+        remain, answer letters limited to the row's options (with their texts when the request gave them)."""
+        from medrwr.rollout.constrain import turn_grammar
+
+        cfg = self.config
+        return turn_grammar(
+            row.letters,
+            self._options.get(id(row)),
+            allow_query=row.trace.rounds < cfg.max_rounds,
+            budget=budget,
+            max_think_tokens=cfg.constrain_max_think_tokens,
+            max_query_tokens=cfg.constrain_max_query_tokens,
+        )
 
     def _absorb_turn(self, row: Row, cont: Continuation) -> list[str]:
         """Append one turn's model tokens; return its queries (empty when the row is finished)."""
@@ -430,6 +475,8 @@ def engine_from_config(
         from medrwr.retrieval.open import open_image_retriever
 
         image_retriever = open_image_retriever(cfg)
+    from medrwr.rollout.constrain import resolve_constrain
+
     mode: str | None = cfg.retrieval.mode if "mode" in cfg.retrieval.explicit_keys() else None
     if mode is not None and mode not in retriever.modes:
         logger.warning("retrieval mode %r is not available (%s); using %s",
@@ -443,4 +490,5 @@ def engine_from_config(
         search_mode=mode,
         image_retriever=image_retriever,
         cdir=cfg.cdir,
+        constrain=resolve_constrain(cfg.model, cfg.rollout),
     )

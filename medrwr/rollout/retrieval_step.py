@@ -16,6 +16,7 @@ from typing import Any
 from medrwr import protocol
 from medrwr.errors import RetrievalError, RetrievalTimeout
 from medrwr.retrieval.base import Hit, Retriever
+from medrwr.retrieval.limits import MAX_QUERY_CHARS
 from medrwr.rollout.transcript import TokenCodec
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,14 @@ def search_batch(
     timeout: float | None,
     clock: Callable[[], float],
 ) -> tuple[list[list[Hit]] | None, str | None, float]:
-    """One batched ``retriever.search``: ``(hits per query, None, seconds)`` or ``(None, error, seconds)``."""
+    """One batched ``retriever.search``: ``(hits per query, None, seconds)`` or ``(None, error, seconds)``.
+
+    A model-written query longer than the retrieval limit is searched by its first ``MAX_QUERY_CHARS``
+    characters: one runaway query must not fail the search of every row in the batch.
+    """
     if retriever is None:
         return None, "no retriever configured", 0.0
+    queries = [q[:MAX_QUERY_CHARS] for q in queries]
     t0 = clock()
     try:
         call = functools.partial(retriever.search, queries, k, mode)

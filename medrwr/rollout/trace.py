@@ -186,6 +186,10 @@ class RolloutTrace:
     error: str | None = None
     cdir: CDIRRecord | None = None
     """When CDIR was enabled: whether it ran, both answers and confidences, the consulted case."""
+    constrained: str | None = None
+    """The grammar decoding was constrained to (``"protocol"``, ``rollout.constrain``), None when free. Then
+    ``metadata["constrained_logprobs"]`` says whether ``logprobs`` are the model's own (``"raw"``) or taken after
+    the grammar mask (``"masked"``)."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -292,6 +296,11 @@ def render_trace(trace: RolloutTrace, max_chars: int = 1200) -> Any:
     summary.add_row("stop", f"{trace.stop_reason}" + (f" ({trace.error})" if trace.error else ""))
     summary.add_row("retrievals", str(trace.rounds))
     summary.add_row("valid", str(trace.valid))
+    if trace.constrained:
+        lp = trace.metadata.get("constrained_logprobs")
+        summary.add_row(
+            "decoding", f"constrained to the {trace.constrained} grammar" + (f" (log-probs: {lp})" if lp else "")
+        )
     summary.add_row(
         "tokens", f"{len(trace.prompt_ids)} prompt, {trace.num_model_tokens} model, {trace.num_inserted_tokens} inserted"
     )
@@ -305,6 +314,11 @@ def render_trace(trace: RolloutTrace, max_chars: int = 1200) -> Any:
                 f"second {second.choice} ({second.confidence or 0:.3f})",
             )
         else:
-            summary.add_row("CDIR", f"not triggered: {c.error or c.reason}")
+            why = c.error or c.reason
+            if not c.error and c.confidence is not None and c.threshold is not None and c.confidence >= c.threshold:
+                why = f"confidence {c.confidence:.3f} >= threshold {c.threshold:.2f}"
+            elif not c.error and c.reason == "the question has no image":
+                why = "no image was given (pass --image)"
+            summary.add_row("CDIR", f"not triggered: {why}")
     parts.append(Panel(summary, title="result", title_align="left"))
     return Group(*parts)

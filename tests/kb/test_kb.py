@@ -69,6 +69,30 @@ def test_mesh_and_drug_passages_carry_name_variants(all_docs):
     assert drug.doc_id == "DRUG:DB01048" and "ziagen" in drug.text.lower()
 
 
+def test_no_passage_carries_wiki_markup(all_docs):
+    """Drug names compiled from Wikipedia infoboxes came with templates, <ref> tags and citation fields."""
+    bad = ("{{", "}}", "&lt;ref", "<ref", "</ref", "vauthors", "&quot;", "&amp;", "\u00e2\u0080")  # last: mojibake
+    hits = [(d.doc_id, m) for d in all_docs for m in bad if m in d.title or m in d.text]
+    assert hits == []
+    assert not [d.doc_id for d in all_docs if d.title.startswith("Template:")]
+    by_id = {d.doc_id: d for d in all_docs}
+    assert "servambutol" in by_id["DRUG:DB00330"].text and "tarascon" not in by_id["DRUG:DB00330"].text
+    assert "avigan" in by_id["DRUG:DB12466"].text and "nihongo" not in by_id["DRUG:DB12466"].text
+    assert "3''-o-demethylerythromycin" in by_id["DRUG:DB00199"].text  # a double prime is chemistry, not italics
+
+
+def test_attribution_names_each_sources_licence():
+    attr = kb.kb_manifest()["attribution"]
+    assert set(attr) == set(kb.SOURCES)
+    assert "hpo.jax.org/app/license" in attr["HPO"]["licence"] and attr["HPO"]["hpo_version"].startswith("hp/releases/")
+    assert "Human Phenotype Ontology" in attr["HPO"]["credit"] and "doi:10.1093/nar/gkt1026" in attr["HPO"]["credit"]
+    assert "public domain" in attr["ICD-10-CM"]["licence"].lower()
+    assert "courtesy of the U.S. National Library of Medicine" in attr["MeSH"]["credit"]
+    drug = attr["drug-NER"]
+    assert "Wikipedia" in drug["credit"] and "CC BY-SA" in drug["licence"] and "CC0" in drug["licence"]
+    assert all(a["licence_url"].startswith("https://") for a in attr.values())
+
+
 def test_unknown_source_is_rejected():
     with pytest.raises(ValueError, match="unknown knowledge source"):
         list(kb.iter_default_kb_documents(["HPO", "UpToDate"]))
@@ -88,7 +112,8 @@ def default_index(cache):
 def test_full_default_kb_build_manifest_and_attribution(default_index):
     m = load_manifest(default_index, verify=True)
     assert m["kb_version"] == kb.KB_VERSION and m["doc_count"] > 50_000
-    assert "Human Phenotype Ontology (https://hpo.jax.org)" in m["attribution"]["HPO"]["credit"]
+    assert "Human Phenotype Ontology" in m["attribution"]["HPO"]["credit"] and m["attribution"]["HPO"]["hpo_version"]
+    assert "CC BY-SA" in m["attribution"]["drug-NER"]["licence"]
     assert "public domain" in m["attribution"]["ICD-10-CM"]["licence"].lower()
     assert "National Library of Medicine" in m["attribution"]["MeSH"]["credit"]
     assert "CC BY-NC-ND" in m["excluded"]
@@ -126,7 +151,7 @@ def test_each_mode_finds_cardiomegaly_in_top_10(default_index):
 
 _CONCURRENT = textwrap.dedent("""
     import logging, sys
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO)  # with progress=False the build's progress lines are INFO records
     from medrwr.kb.default import ensure_default_index
     print(ensure_default_index(progress=False, path=sys.argv[1], sources=["MeSH"], limit=300))
 """)

@@ -125,3 +125,28 @@ def test_vocab_depends_on_nothing_above_it():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medrwr."):
                 assert node.module.split(".")[1] in ("errors", "assets", "_imports", "vocab"), (path, node.module)
+
+
+def test_drug_reader_strips_wikipedia_markup_and_citation_fragments():
+    from medrwr.vocab.fds import clean_drug_name, clean_drug_variants
+
+    assert clean_drug_name("revanex&lt;ref&gt;{{cite web") == "revanex"
+    assert clean_drug_name("dyanavel&amp;nbsp;xr") == "dyanavel xr"  # escaped twice
+    assert clean_drug_name("[[hepatyrix") == "hepatyrix" and clean_drug_name("[[a link|shown text]]") == "shown text"
+    assert clean_drug_name("{{ubl") == "" and clean_drug_name("url-status=live }}&lt;/ref&gt;") == ""
+    assert clean_drug_name("upst\u00e3\u00a8ne") == "upst\u00e8ne"  # lower-cased mojibake of "Upst\u00e8ne"
+    assert clean_drug_name("6\u00ce\u00b2-Naltrexol") == "6\u03b2-Naltrexol"
+    chem = "[(2R,3S)-5-oxo]methyl [[(2R,3S)-5-(6-aminopurin-9-yl)]methoxy] phosphate"
+    assert clean_drug_name(chem) == chem  # IUPAC brackets are not wiki links
+    assert [t for _, t in clean_drug_variants(["indolepropionic acid", "vauthors = bendheim pe", "poeggeler b",
+                                                "journal = j mol neurosci", "issue = 1"])] == ["indolepropionic acid"]
+
+    drugs = {c.id: c for c in concepts("drug-NER")}
+    texts = [t for c in drugs.values() for t in (c.name, *c.synonym_texts)]
+    for marker in ("{{", "}}", "&lt;", "&gt;", "&amp;", "<ref", "vauthors", "\u00e2\u0080"):
+        assert not [t for t in texts if marker in t], marker
+    assert not [c for c in drugs.values() if c.name.startswith("Template:")]
+    fav = drugs["DRUG:DB12466"].synonym_texts
+    assert {"avigan", "\u30a2\u30d3\u30ac\u30f3", "abigan", "areplivir"} <= set(fav)
+    assert drugs["DRUG:pfizer-biontech-covid-19-vaccine"].name == "Pfizer\u2013BioNTech COVID-19 vaccine"
+    assert "sirturo" in drugs["DRUG:DB08903"].synonym_texts  # "tradename = sirturo" keeps its value

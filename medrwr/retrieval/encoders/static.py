@@ -9,7 +9,7 @@ vocabulary rank when no vocabulary is installed).
 A sentence embedding is then the mean of its tokens' rows, L2-normalised: tens of thousands of
 passages per second, at a measured cost in recall (see benchmarks/retrieval.py).
 
-The table is built once into the user cache (``<cache>/encoders/static-minilm-v1/``, written
+The table is built once into the user cache (``<cache>/encoders/<STATIC_VERSION>/``, written
 atomically under a lock); later loads read a safetensors file in well under a second.
 """
 
@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,10 +33,21 @@ from medrwr.assets import cache_root, minilm_dir
 logger = logging.getLogger(__name__)
 
 STATIC_NAME = "static-minilm"
-STATIC_VERSION = "static-minilm-v1"
+STATIC_VERSION = "static-minilm-v2"
+"""v2: IDF over the default KB v2 passages (Wikipedia markup stripped from drug names)."""
 _TABLE_FILE = "embeddings.safetensors"
 _CONFIG_FILE = "config.json"
 _TOKENIZER_FILE = "tokenizer.json"
+
+
+def _say(message: str, progress: bool) -> None:
+    """A progress line for the user on stderr, beside the tqdm bars; a log record when progress is off."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        logger.info(message)
 
 
 def default_static_dir() -> Path:
@@ -128,9 +141,16 @@ def _token_vectors(model_dir: Path, batch_size: int, progress: bool) -> tuple[np
     """Run MiniLM over each vocabulary token alone; returns (vocab, 384) mean-pooled outputs."""
     import torch
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as tf_logging
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise beside our own bar
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModel.from_pretrained(str(model_dir)).eval()
+    finally:
+        if bars:
+            tf_logging.enable_progress_bar()
     vocab = len(tok)
     specials = sorted(set(tok.all_special_ids))
     cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
@@ -139,7 +159,7 @@ def _token_vectors(model_dir: Path, batch_size: int, progress: bool) -> tuple[np
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="distilling static-minilm (one-time)", unit="batch")
+        starts = tqdm(starts, desc=f"MiniLM over its {vocab:,}-token vocabulary", unit="batch")
     with torch.inference_mode():
         for s in starts:
             ids = torch.arange(s, min(s + batch_size, vocab))
@@ -161,7 +181,7 @@ def _default_reference_texts() -> Iterable[str] | None:
 
 
 def _token_weights(model_dir: Path, vocab: int, weighting: str, sif_coefficient: float,
-                   reference_texts: Iterable[str] | None) -> tuple[np.ndarray, str]:
+                   reference_texts: Iterable[str] | None, progress: bool = False) -> tuple[np.ndarray, str]:
     """Per-token weights: IDF over medical reference passages (default), else SIF with a Zipf prior.
 
     Measured on the held-out-synonym set of benchmarks/retrieval.py (2k-passage subset, dense
@@ -187,12 +207,20 @@ def _token_weights(model_dir: Path, vocab: int, weighting: str, sif_coefficient:
             n += len(batch)
             batch.clear()
 
-        for t in texts:
-            batch.append(t)
-            if len(batch) >= 4096:
+        from tqdm.auto import tqdm
+
+        # The first passages wait for the vocabularies to load (HPO, ICD-10-CM, MeSH, drugs: ~10-30 s), so a
+        # bar runs from the start instead of a silent pause after the distillation bar.
+        with tqdm(total=getattr(texts, "__len__", lambda: None)(), desc="token weights (IDF over passages)",
+                  unit="passage", disable=not progress) as bar:
+            for t in texts:
+                batch.append(t)
+                if len(batch) >= 4096:
+                    flush()
+                    bar.update(4096)
+            if batch:
+                bar.update(len(batch))
                 flush()
-        if batch:
-            flush()
         if n:
             return np.log((n + 1) / (df + 1)).astype(np.float32), f"idf over {n} medical reference passages"
         logger.info("no reference texts for IDF weights; using Zipf-rank SIF weights")
@@ -217,14 +245,18 @@ def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None,
 
     model_dir = Path(model_dir) if model_dir else minilm_dir()
     out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    _say("  loading MiniLM, then running it over each token of its vocabulary", progress)
     vecs, specials = _token_vectors(model_dir, batch_size, progress)
     # Centre and reduce with PCA (via SVD), as model2vec does; this also removes the common direction.
+    _say(f"  reducing the table to {pca_dims} dimensions (PCA), then weighting its tokens", progress)
     mean = vecs.mean(axis=0, keepdims=True)
     centred = vecs - mean
     dims = min(pca_dims, centred.shape[1]) if pca_dims > 0 else centred.shape[1]
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     table = centred @ vt[:dims].T
-    weights, weighting = _token_weights(model_dir, table.shape[0], weighting, sif_coefficient, reference_texts)
+    weights, weighting = _token_weights(model_dir, table.shape[0], weighting, sif_coefficient, reference_texts,
+                                        progress=progress)
     table = np.ascontiguousarray(table * weights[:, None], dtype=np.float32)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -253,12 +285,13 @@ def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _say(f"  static encoder ready in {time.perf_counter() - t0:.0f} s ({weighting})", progress)
     return out_dir
 
 
 def load_static_encoder(cache_dir: str | Path | None = None, progress: bool = True,
                         reference_texts: Iterable[str] | None = None) -> StaticEncoder:
-    """Load the static encoder from the cache, distilling it first if absent (about 10-30 s, once).
+    """Load the static encoder from the cache, distilling it first if absent (once; about 1-2 minutes on 2 cores).
 
     ``reference_texts`` (IDF texts) are read only when the table is built; None means the default KB's
     passages (see :func:`build_static_table`). The default folder is shared by every caller, so give
@@ -272,6 +305,7 @@ def load_static_encoder(cache_dir: str | Path | None = None, progress: bool = Tr
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not (path / _CONFIG_FILE).exists():
-                logger.warning("Building the static-minilm encoder table in %s (one-time, ~30 s)", path)
+                _say(f"Distilling the static-minilm text encoder from MiniLM into {path} (one time; about a minute "
+                     "on an idle 2-core machine, 2-3 minutes on a busy one)", progress)
                 build_static_table(path, progress=progress, reference_texts=reference_texts)
     return StaticEncoder.load(path)

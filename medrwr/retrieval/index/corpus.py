@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import logging
 import os
@@ -84,7 +83,7 @@ def detect_preset(columns: Iterable[str]) -> str:
     raise CorpusError(
         f"cannot detect the corpus layout from its columns {sorted(cols)}: expected 'content' (MedRAG), "
         "'contents' (FlashRAG) or 'text' (Med-RwR / plain). "
-        "Pass preset=... or columns=ColumnMapping(text=(...,))"
+        "Pass --preset or --text-column NAME (in Python: preset=..., text_column=...)"
     )
 
 
@@ -127,36 +126,83 @@ def _default_source(path: Path) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _open_text(path: Path, gz: bool) -> io.TextIOBase:
-    if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+_SNIFF_BYTES = 8192
+_MAGIC = ((b"\x1f\x8b", "a gzip file: name it with a .gz suffix"), (b"PAR1", "a parquet file: name it .parquet"),
+          (b"PK\x03\x04", "a zip archive (an .xlsx workbook?): export it as CSV"),
+          (b"%PDF", "a PDF document"))
+
+
+def _not_text(path: Path, lineno: int, raw: bytes, exc: UnicodeDecodeError | None) -> CorpusError:
+    where = f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}" if exc is not None else "a NUL byte"
+    return CorpusError(
+        f"{path}:{lineno}: not UTF-8 text ({where}); a corpus file must be UTF-8 JSON Lines, TSV or CSV. "
+        "If this is a binary file, point --corpus at the text corpus; if it is text in another encoding, "
+        "convert it (e.g. `iconv -f latin1 -t utf-8`)"
+    )
+
+
+def _open_binary(path: Path, gz: bool) -> Any:
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _text_lines(path: Path, gz: bool) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` pairs, decoded as UTF-8 one line at a time so an error names its line.
+
+    The first 8 KiB are checked first: a binary file is refused before a newline-free blob is read whole.
+    """
+    lineno = 0
+    try:
+        with _open_binary(path, gz) as f:
+            head = f.peek(_SNIFF_BYTES)[:_SNIFF_BYTES] if hasattr(f, "peek") else b""
+            for magic, what in _MAGIC:
+                if head.startswith(magic):
+                    raise CorpusError(f"{path}:1: this is not a text corpus, it is {what}")
+            if b"\x00" in head:
+                raise _not_text(path, head[: head.index(b"\x00")].count(b"\n") + 1, head, None)
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_text(path, lineno, raw, exc) from None
+                yield lineno, (line.lstrip("\ufeff") if lineno == 1 else line)
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile, a truncated .gz, a read error
+        kind = "gzip-compressed " if gz else ""
+        raise CorpusError(f"{path}:{lineno + 1}: cannot read this {kind}file ({exc})") from None
+
+
+def _json_error(path: Path, lineno: int, line: str, exc: json.JSONDecodeError) -> CorpusError:
+    a = max(exc.pos - 30, 0)
+    near = line[a : exc.pos + 30].rstrip("\r\n")
+    hint = (
+        " (a JSON array file must be converted to JSON Lines: one object per line)"
+        if (lineno == 1 and line.lstrip().startswith("["))
+        else ""
+    )
+    return CorpusError(
+        f"{path}:{lineno}: not valid JSON: {exc.msg} at column {exc.colno}, near {near!r}{hint}"
+    )
 
 
 def _iter_jsonl(path: Path, gz: bool) -> Iterator[tuple[int, dict[str, Any]]]:
-    with _open_text(path, gz) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = (
-                    " (a JSON array file must be converted to JSON Lines: one object per line)"
-                    if (lineno == 1 and line.lstrip().startswith("["))
-                    else ""
-                )
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg}){hint}") from None
-            if not isinstance(rec, dict):
-                hint = (
-                    " (a JSON array file must be converted to JSON Lines: one object per line)"
-                    if (isinstance(rec, list))
-                    else ""
-                )
-                raise CorpusError(
-                    f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}{hint}"
-                )
-            yield lineno, rec
+    for lineno, line in _text_lines(path, gz):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _json_error(path, lineno, line, exc) from None
+        except RecursionError:
+            raise CorpusError(f"{path}:{lineno}: not valid JSON: nested too deeply") from None
+        if not isinstance(rec, dict):
+            hint = (
+                " (a JSON array file must be converted to JSON Lines: one object per line)"
+                if (isinstance(rec, list))
+                else ""
+            )
+            raise CorpusError(
+                f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}{hint}"
+            )
+        yield lineno, rec
 
 
 def _raise_csv_limit() -> None:
@@ -169,32 +215,48 @@ def _raise_csv_limit() -> None:
             limit //= 10
 
 
-def _iter_delimited(path: Path, gz: bool, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _multiline(path: Path, first: int, last: int, what: str) -> CorpusError:
+    return CorpusError(
+        f"{path}:{first}: {what} runs over lines {first}-{last}: a quote is not closed, or a quoted field "
+        "holds line breaks. Fix the quoting; if the fields really contain line breaks, pass "
+        "--allow-multiline-csv (allow_multiline=True)"
+    )
+
+
+def _iter_delimited(
+    path: Path, gz: bool, delimiter: str, allow_multiline: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows as dicts. A record spanning several lines is an error unless ``allow_multiline``: an
+    unclosed quote otherwise swallows every later row into one field, silently."""
     _raise_csv_limit()
-    with _open_text(path, gz) as f:
-        reader = csv.reader(f, delimiter=delimiter)
+    reader = csv.reader((line for _, line in _text_lines(path, gz)), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise CorpusError(f"{path}:1: cannot parse the header ({exc})") from None
+    if reader.line_num > 1 and not allow_multiline:
+        raise _multiline(path, 1, reader.line_num, "the header")
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    while True:
+        first = reader.line_num + 1
         try:
-            header = next(reader)
+            row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            raise CorpusError(f"{path}:1: cannot parse the header ({exc})") from None
-        header = [h.strip().lstrip("\ufeff") for h in header]
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise CorpusError(f"{path}:{reader.line_num}: malformed row ({exc})") from None
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise CorpusError(
-                    f"{path}:{reader.line_num}: row has {len(row)} fields but the header has {len(header)} "
-                    f"({header}); check the delimiter and quoting of this line"
-                )
-            yield reader.line_num, dict(zip(header, row))
+            raise CorpusError(f"{path}:{reader.line_num}: malformed row ({exc})") from None
+        if not row:
+            continue
+        if reader.line_num > first and not allow_multiline:
+            raise _multiline(path, first, reader.line_num, "this record")
+        if len(row) != len(header):
+            raise CorpusError(
+                f"{path}:{first}: row has {len(row)} fields but the header has {len(header)} "
+                f"({header}); check the delimiter and quoting of this line"
+            )
+        yield first, dict(zip(header, row))
 
 
 def _iter_parquet(path: Path, batch_size: int = 4096) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -213,8 +275,11 @@ def _iter_parquet(path: Path, batch_size: int = 4096) -> Iterator[tuple[int, dic
             yield row, rec
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Stream ``(line_or_row_number, record)`` pairs from a JSONL/TSV/CSV/parquet file."""
+def iter_records(path: str | os.PathLike, allow_multiline: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream ``(line_or_row_number, record)`` pairs from a JSONL/TSV/CSV/parquet file.
+
+    A TSV/CSV record over several lines is an error unless ``allow_multiline`` (see :func:`read_corpus`).
+    """
     p = Path(path)
     if not p.is_file():
         raise CorpusError(f"corpus file {p} does not exist")
@@ -222,7 +287,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
     if fmt == "jsonl":
         return _iter_jsonl(p, gz)
     if fmt in ("tsv", "csv"):
-        return _iter_delimited(p, gz, "\t" if fmt == "tsv" else ",")
+        return _iter_delimited(p, gz, "\t" if fmt == "tsv" else ",", allow_multiline)
     if gz:
         raise CorpusError(f"{p}: gzipped parquet is not supported; parquet is compressed already")
     return _iter_parquet(p)
@@ -261,7 +326,7 @@ def _to_document(rec: dict[str, Any], mapping: ColumnMapping, row: int, where: s
         else:
             raise CorpusError(
                 f"{where}: no text column: looked for {list(mapping.text)}, the record has {sorted(rec)}. "
-                "Pick a preset (--preset medrag|medrwr|flashrag|plain) or map the columns"
+                "Pick a preset (--preset medrag|medrwr|flashrag|plain) or name the column (--text-column NAME)"
             )
     text = "" if text is None else str(text)
     title = ""
@@ -284,20 +349,35 @@ def read_corpus(
     preset: str = "auto",
     columns: ColumnMapping | None = None,
     source: str | None = None,
+    *,
+    text_column: str | None = None,
+    title_column: str | None = None,
+    id_column: str | None = None,
+    allow_multiline: bool = False,
 ) -> Iterator[Document]:
     """Stream :class:`Document`s from a JSONL / TSV / CSV / parquet file (``.gz`` for text formats).
 
     ``preset``: ``auto`` (detect from the header / first record), ``medrag``, ``medrwr``,
-    ``flashrag`` or ``plain`` (see :data:`PRESETS`); ``columns`` overrides it. ``source`` names the
-    corpus on every document (default: the file name without extensions). Bad records raise
-    :class:`CorpusError` naming ``file:line``.
+    ``flashrag`` or ``plain`` (see :data:`PRESETS`); ``columns`` overrides it, and ``text_column``
+    / ``title_column`` / ``id_column`` override single columns of either (``medrwr index build
+    --text-column ...``); a named column missing from the first record is an error. ``source``
+    names the corpus on every document (default: the file name without extensions).
+
+    Bad input raises :class:`CorpusError` naming ``file:line`` and the reason: bytes that are not
+    UTF-8 (a binary file), invalid JSON (the parser's message, column and the text near it), a
+    row with the wrong number of fields, and a TSV/CSV record spanning several lines (usually an
+    unclosed quote that would swallow every later row) unless ``allow_multiline``.
     """
     p = Path(path)
     if columns is None and preset != "auto" and preset not in PRESETS:
         raise CorpusError(f"unknown corpus preset {preset!r}; choose auto, {', '.join(PRESETS)}")
+    named = {"text": text_column, "title": title_column, "id": id_column}
+    for what, col in named.items():
+        if col is not None and not str(col).strip():
+            raise CorpusError(f"the {what} column name is empty")
     # validate eagerly (missing file, unknown format) so errors surface at the call, not at first next()
-    records = iter_records(p)
-    return _documents(p, records, preset, columns, source if source is not None else _default_source(p))
+    records = iter_records(p, allow_multiline=allow_multiline)
+    return _documents(p, records, preset, columns, source if source is not None else _default_source(p), named)
 
 
 def _documents(
@@ -306,17 +386,41 @@ def _documents(
     preset: str,
     columns: ColumnMapping | None,
     source: str,
+    named: dict[str, str | None] | None = None,
 ) -> Iterator[Document]:
+    named = {k: v for k, v in (named or {}).items() if v is not None}
     mapping = columns if columns is not None else (PRESETS[preset] if preset != "auto" else None)
+    if mapping is None and "text" in named:
+        mapping = PRESETS["plain"]  # the text column is named: nothing to detect
     for row, (line, rec) in enumerate(records):
-        if mapping is None:
-            try:
-                chosen = detect_preset(rec.keys())
-            except CorpusError as exc:
-                raise CorpusError(f"{p}:{line}: {exc}") from None
-            logger.info("corpus %s: detected preset %r from columns %s", p, chosen, sorted(rec))
-            mapping = PRESETS[chosen]
+        if row == 0:
+            if mapping is None:
+                try:
+                    chosen = detect_preset(rec.keys())
+                except CorpusError as exc:
+                    raise CorpusError(f"{p}:{line}: {exc}") from None
+                logger.info("corpus %s: detected preset %r from columns %s", p, chosen, sorted(rec))
+                mapping = PRESETS[chosen]
+            mapping = _with_named_columns(mapping, named, rec, f"{p}:{line}")
         yield _to_document(rec, mapping, row, f"{p}:{line}", source)
+
+
+def _with_named_columns(mapping: ColumnMapping, named: dict[str, str], rec: dict[str, Any], where: str) -> ColumnMapping:
+    """``mapping`` with the user's named columns, each checked against the first record's columns."""
+    for what, col in named.items():
+        if col not in rec:
+            raise CorpusError(
+                f"{where}: the {what} column {col!r} (--{what}-column) is not in the corpus; its columns are "
+                f"{sorted(rec)}"
+            )
+    changes: dict[str, Any] = {}
+    if "text" in named:
+        changes["text"] = (named["text"],)
+    if "title" in named:
+        changes.update(title=named["title"], split_title=False)
+    if "id" in named:
+        changes["id"] = (named["id"],)
+    return replace(mapping, **changes) if changes else mapping
 
 
 # ------------------------------------------------------------------------------------------ chunking

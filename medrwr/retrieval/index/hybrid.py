@@ -24,7 +24,14 @@ import numpy as np
 
 from medrwr.config import RetrievalConfig
 from medrwr.errors import IndexStoreError
-from medrwr.retrieval.base import SEARCH_MODES, Hit, Retriever, check_mode, check_search_args, pick_default_mode
+from medrwr.retrieval.base import (
+    SEARCH_MODES,
+    Hit,
+    Retriever,
+    check_mode,
+    check_search_args,
+    pick_default_mode,
+)
 from medrwr.retrieval.index.corpus import Document, chunk_documents
 from medrwr.retrieval.index.shards import (
     _LATER_FIRST,

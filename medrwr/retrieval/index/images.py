@@ -7,6 +7,18 @@ An index directory (:meth:`ImageIndex.build`)::
                       referenced), sha256 of the image bytes, report, metadata
     embeddings.npy    float32 (n, dim), L2-normalised; searched with a FAISS flat inner-product index
     images/           copies of the images (unless built with ``copy_images=False``)
+
+The reports file (``medrwr index build-images --images DIR --reports FILE``; :func:`read_image_manifest`)
+maps each image to its report, one row per case:
+
+- ``.jsonl``/``.ndjson``: one object per line, ``{"image": "case1.png", "report": "Enlarged heart ..."}``;
+- ``.json``: a list of such objects, or one object ``{"case1.png": "Enlarged heart ...", ...}``;
+- ``.csv``/``.tsv``: a header row naming the columns, then one row per case.
+
+``image`` is the file's path relative to the images folder (or absolute); ``file``, ``filename`` and
+``path`` are accepted for it, ``caption``, ``findings`` and ``text`` for ``report``. ``id`` (or
+``image_id``) names the case (default: the file name without extension); every other column is kept as
+metadata. Images may be PNG, JPEG, BMP, GIF, TIFF, WebP or DICOM.
 """
 
 from __future__ import annotations
@@ -32,10 +44,15 @@ logger = logging.getLogger(__name__)
 ITEMS_FILE = "items.jsonl"
 EMB_FILE = "embeddings.npy"
 INDEX_KIND = "image-index"
+DEMO_NAME = "demo"
+"""``cdir.image_index=demo`` names the shipped demo image index (a folder called demo: ``./demo``)."""
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"})
 
 ImageInput = Union["PIL.Image.Image", str, Path, bytes]  # noqa: F821
 
-
+_IMAGE_KEYS = ("image", "file", "filename", "file_name", "image_path", "path")
+_REPORT_KEYS = ("report", "caption", "findings", "text")
+_ID_KEYS = ("id", "image_id")
 
 
 @dataclass(frozen=True)
@@ -48,35 +65,84 @@ class ImageCase:
     metadata: dict
 
 
-def read_image_manifest(manifest: str | Path) -> Iterator[ImageCase]:
-    """Read a JSONL or CSV/TSV manifest with columns ``image`` and ``report`` (optional ``id``)."""
-    m = Path(manifest)
-    if not m.is_file():
-        raise ImageIndexError(f"image manifest {m} does not exist")
+def _first(rec: dict, keys: Sequence[str]) -> tuple[str | None, Any]:
+    for k in keys:
+        if k in rec and rec[k] is not None and str(rec[k]).strip() != "":
+            return k, rec[k]
+    return None, None
+
+
+def _manifest_rows(m: Path) -> list[tuple[int, Any]]:
     suffix = m.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
+        text = m.read_text(encoding="utf-8")
+        if suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                data = None  # JSON lines in a .json file
+            if isinstance(data, list):
+                return [(i, r) for i, r in enumerate(data, 1)]
+            if isinstance(data, dict):
+                if all(isinstance(v, str) for v in data.values()):  # {"case1.png": "report", ...}
+                    return [(i, {"image": k, "report": v}) for i, (k, v) in enumerate(data.items(), 1)]
+                return [(1, data)]
         rows = []
-        with open(m, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((i, json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise ImageIndexError(f"{m}:{i}: not valid JSON ({exc.msg})") from None
-    elif suffix in (".csv", ".tsv"):
-        with open(m, encoding="utf-8", newline="") as f:
-            rows = [(i, r) for i, r in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2)]
-    else:
-        raise ImageIndexError(f"{m}: an image manifest must be .jsonl or .csv/.tsv")
-    for i, rec in rows:
-        if not isinstance(rec, dict) or not rec.get("image"):
-            raise ImageIndexError(f"{m}:{i}: each row needs an 'image' path (relative to images_dir) and a 'report'")
-        report = rec.get("report", rec.get("caption"))
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ImageIndexError(f"{m}:{i}: not valid JSON ({exc.msg})") from None
+        return rows
+    if suffix in (".csv", ".tsv"):
+        with open(m, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            fields = [c.strip() for c in reader.fieldnames or []]
+            if not any(k in fields for k in _IMAGE_KEYS):
+                raise ImageIndexError(
+                    f"{m}: the header row {fields} has no image column; name it 'image' (or file, filename, path) "
+                    "and the report column 'report' (or caption, findings, text)")
+            return [(i, {(k or "").strip(): v for k, v in r.items()}) for i, r in enumerate(reader, 2)]
+    raise ImageIndexError(f"{m}: a reports file must be .jsonl, .json, .csv or .tsv (got {suffix or 'no suffix'!r})")
+
+
+def read_image_manifest(manifest: str | Path) -> Iterator[ImageCase]:
+    """Read a reports file (JSONL, JSON, CSV or TSV; see the module docstring) into :class:`ImageCase` rows.
+
+    Raises :class:`ImageIndexError` naming the file and line of the first bad row.
+    """
+    m = Path(manifest).expanduser()
+    if not m.is_file():
+        raise ImageIndexError(f"reports file {m} does not exist")
+    for i, rec in _manifest_rows(m):
+        if not isinstance(rec, dict):
+            raise ImageIndexError(f"{m}:{i}: each row must be an object with 'image' and 'report', got {rec!r:.60}")
+        ikey, image = _first(rec, _IMAGE_KEYS)
+        if image is None:
+            raise ImageIndexError(f"{m}:{i}: each row needs an 'image' path (relative to the images folder) and a "
+                                  "'report'")
+        rkey, report = _first(rec, _REPORT_KEYS)
         if report is None:
-            raise ImageIndexError(f"{m}:{i}: row for image {rec['image']!r} has no 'report' (or 'caption')")
-        meta = {k: v for k, v in rec.items() if k not in ("id", "image_id", "image", "report", "caption")}
-        yield ImageCase(str(rec.get("id") or rec.get("image_id") or Path(str(rec["image"])).stem),
-                        str(rec["image"]), str(report), meta)
+            raise ImageIndexError(f"{m}:{i}: row for image {image!r} has no 'report' (or 'caption'), or it is empty")
+        _, cid = _first(rec, _ID_KEYS)
+        meta = {k: v for k, v in rec.items() if k not in (ikey, rkey, *_ID_KEYS)}
+        yield ImageCase(str(cid if cid is not None else Path(str(image)).stem), str(image), str(report), meta)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, by suffix: :data:`IMAGE_SUFFIXES`), sorted."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def unreported_images(images_dir: str | Path, reports: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """Image files under ``images_dir`` that no row of ``reports`` names (those under ``exclude`` aside)."""
+    base = Path(images_dir).expanduser()
+    listed = {(base / c.image).resolve() for c in read_image_manifest(reports)}
+    skip = Path(exclude).expanduser().resolve() if exclude is not None else None
+    return [p for p in image_files(base) if p.resolve() not in listed and not (skip and skip in p.resolve().parents)]
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -110,31 +176,55 @@ class ImageIndex(ImageRetriever):
 
     @classmethod
     def build(cls, manifest: str | Path, out_dir: str | Path, images_dir: str | Path | None = None,
-              encoder: ImageEncoder | str = "pixel-stats", copy_images: bool = True, batch_size: int = 32) -> Path:
-        """Encode every manifest image and write the index directory atomically; returns its path."""
+              encoder: ImageEncoder | str = "pixel-stats", copy_images: bool = True, batch_size: int = 32,
+              progress: bool = False) -> Path:
+        """Encode every image the reports file lists and write the index directory atomically; returns its path.
+
+        ``images_dir`` is where relative image paths point (default: the reports file's folder). Every
+        problem is found before anything is written: a missing folder, rows naming absent images (listed),
+        duplicate ids; an image that does not decode is named. ``progress`` shows a progress bar.
+        """
+        from tqdm.auto import tqdm
+
+        from medrwr.retrieval.image_io import load_image
         from medrwr.retrieval.index.store import atomic_index_dir, write_manifest
 
-        manifest = Path(manifest)
-        base = Path(images_dir) if images_dir is not None else manifest.parent
-        enc = load_image_encoder(encoder)
+        manifest = Path(manifest).expanduser()
+        base = Path(images_dir).expanduser() if images_dir is not None else manifest.parent
         cases = list(read_image_manifest(manifest))
+        if not base.is_dir():
+            raise ImageIndexError(f"images folder {base} does not exist" if not base.exists()
+                                  else f"images folder {base} is not a directory")
         if not cases:
-            raise ImageIndexError(f"image manifest {manifest} has no rows")
+            raise ImageIndexError(f"reports file {manifest} has no rows")
         seen: set[str] = set()
+        missing: list[str] = []
         for c in cases:
             if c.image_id in seen:
                 raise ImageIndexError(f"{manifest}: duplicate image id {c.image_id!r}; give each row a unique 'id'")
             seen.add(c.image_id)
             if not (base / c.image).is_file():
-                raise ImageIndexError(f"{manifest}: image {c.image!r} (id {c.image_id!r}) not found at {base / c.image}")
+                missing.append(c.image)
+        if missing:
+            shown = ", ".join(repr(x) for x in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ImageIndexError(f"{manifest}: {len(missing)} report row(s) name images not found in {base}: {shown}")
+        enc = load_image_encoder(encoder)
         with atomic_index_dir(out_dir) as tmp:
             items, embs = [], []
+            bar = tqdm(total=len(cases), desc="encode images", unit="img", disable=not progress, leave=False)
             for s in range(0, len(cases), batch_size):
                 batch = cases[s:s + batch_size]
                 datas = [(base / c.image).read_bytes() for c in batch]
                 try:
                     embs.append(enc.encode_images([base / c.image for c in batch], batch_size=batch_size))
                 except ImageLoadError as exc:
+                    bar.close()
+                    for c in batch:  # name the image that does not decode
+                        try:
+                            load_image(base / c.image)
+                        except ImageLoadError as one:
+                            raise ImageIndexError(f"{one} (row id {c.image_id!r} of {manifest.name}); replace the "
+                                                  "file or drop its row") from None
                     raise ImageIndexError(f"{manifest}: {exc}") from None
                 for c, data in zip(batch, datas):
                     digest = _sha256_bytes(data)
@@ -147,6 +237,8 @@ class ImageIndex(ImageRetriever):
                         ref = str((base / c.image).resolve())
                     items.append({"image_id": c.image_id, "image": ref, "copied": copy_images,
                                   "sha256": digest, "report": c.report, "metadata": c.metadata})
+                bar.update(len(batch))
+            bar.close()
             emb = np.concatenate(embs).astype(np.float32)
             np.save(tmp / EMB_FILE, emb, allow_pickle=False)
             with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
@@ -241,9 +333,24 @@ def _demo_image(package: str, name: str) -> Any:
 
 
 def default_demo_image_index_path() -> Path:
+    """``<cache>/indexes/demo-images-v1``: where ``cdir.image_index=demo`` (or none, for ``ask --cdir``) builds it."""
     from medrwr.assets import cache_root
 
     return cache_root() / "indexes" / "demo-images-v1"
+
+
+def ensure_demo_image_index(encoder: ImageEncoder | str = "pixel-stats") -> Path:
+    """The demo image index in the cache, built on first use (seconds); safe under concurrent first use."""
+    from filelock import FileLock
+
+    path = default_demo_image_index_path()
+    if (path / "manifest.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if not (path / "manifest.json").is_file():
+            build_demo_image_index(path, encoder=encoder)
+    return path
 
 
 def build_demo_image_index(out_dir: str | Path | None = None, encoder: ImageEncoder | str = "pixel-stats") -> Path:
@@ -281,9 +388,14 @@ def build_demo_image_index(out_dir: str | Path | None = None, encoder: ImageEnco
 
 
 __all__ = [
+    "DEMO_NAME",
+    "IMAGE_SUFFIXES",
     "ImageCase",
     "ImageIndex",
     "build_demo_image_index",
     "default_demo_image_index_path",
+    "ensure_demo_image_index",
+    "image_files",
     "read_image_manifest",
+    "unreported_images",
 ]

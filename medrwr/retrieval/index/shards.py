@@ -39,6 +39,7 @@ from medrwr.retrieval.index.store import (
     DocStoreWriter,
     atomic_index_dir,
     load_manifest,
+    rebuild_advice,
     write_manifest,
 )
 
@@ -218,8 +219,7 @@ class IndexShard:
             raise
         except Exception as exc:
             raise IndexCorrupt(
-                f"index {p} cannot be opened ({type(exc).__name__}: {exc}); "
-                "rebuild it with `medrwr index build --corpus PATH --out DIR`"
+                f"index {p} cannot be opened ({type(exc).__name__}: {exc}); {rebuild_advice(p, manifest)}"
             ) from None
         counts = {"manifest": manifest.get("doc_count"), "docs": len(docs), "bm25": bm25.n_docs}
         if dense is not None:

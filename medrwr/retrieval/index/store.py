@@ -60,6 +60,15 @@ _END_BYTES = 1024 * 1024
 _REBUILD = "rebuild it with `medrwr index build --corpus PATH --out DIR`"
 
 
+def rebuild_advice(d: Path, manifest: dict[str, Any] | None = None) -> str:
+    """What to do about a broken index at ``d``: the default KB (its manifest has ``kb_version``) is
+    rebuilt from ``--corpus default`` or by deleting it; any other index from its own corpus."""
+    if manifest and manifest.get("kb_version"):
+        return (f"rebuild it with `medrwr index build --corpus default --out {d}`, or delete {d} "
+                "and it is rebuilt on next use")
+    return f"rebuild it with `medrwr index build --corpus PATH --out {d}` (PATH: the corpus it was built from)"
+
+
 # ------------------------------------------------------------------------------------------ atomic dirs
 
 
@@ -233,42 +242,45 @@ def load_manifest(directory: str | os.PathLike, verify: bool | Literal["full"] =
     """
     d = Path(directory).expanduser()
     if not d.exists():
-        raise IndexMissing(f"index directory {d} does not exist; {_REBUILD}.{_orphan_hint(d.absolute())}")
+        raise IndexMissing(
+            f"index directory {d} does not exist; build one with `medrwr index build --corpus PATH --out {d}` "
+            f"(or drop --index to search the shipped knowledge base).{_orphan_hint(d.absolute())}"
+        )
     if not d.is_dir():
         raise IndexMissing(f"{d} is not a directory; an index is a directory with {MANIFEST}")
     mpath = d / MANIFEST
     if not mpath.is_file():
-        raise IndexMissing(f"{d} is not an index: it has no {MANIFEST}; {_REBUILD}")
+        raise IndexMissing(f"{d} is not an index: it has no {MANIFEST}; {rebuild_advice(d)}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexCorrupt(f"{mpath} is not valid JSON ({exc}); the index is corrupt, {_REBUILD}") from None
+        raise IndexCorrupt(f"{mpath} is not valid JSON ({exc}); the index is corrupt, {rebuild_advice(d)}") from None
     if not isinstance(manifest, dict):
-        raise IndexCorrupt(f"{mpath} must hold a JSON object; the index is corrupt, {_REBUILD}")
+        raise IndexCorrupt(f"{mpath} must hold a JSON object; the index is corrupt, {rebuild_advice(d)}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise IndexVersionMismatch(
             f"index {d} has format version {version!r} but this medrwr reads version {FORMAT_VERSION}; "
-            f"{_REBUILD} (or install the medrwr version that wrote it: {manifest.get('medrwr_version', '?')})"
+            f"{rebuild_advice(d, manifest)} (or install the medrwr version that wrote it: {manifest.get('medrwr_version', '?')})"
         )
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise IndexCorrupt(f"{mpath} has no 'files' table of checksums; the index is corrupt, {_REBUILD}")
+        raise IndexCorrupt(f"{mpath} has no 'files' table of checksums; the index is corrupt, {rebuild_advice(d, manifest)}")
     if verify:
-        _verify_files(d, files, full=(verify == "full"))
+        _verify_files(d, files, full=(verify == "full"), advice=rebuild_advice(d, manifest))
     return manifest
 
 
-def _verify_files(d: Path, files: dict[str, Any], full: bool) -> None:
+def _verify_files(d: Path, files: dict[str, Any], full: bool, advice: str = _REBUILD) -> None:
     for rel, entry in files.items():
         p = d / rel
         if not p.is_file():
-            raise IndexCorrupt(f"index {d} is missing file {rel}; the index is incomplete, {_REBUILD}")
+            raise IndexCorrupt(f"index {d} is missing file {rel}; the index is incomplete, {advice}")
         size = p.stat().st_size
         if size != entry.get("size"):
             raise IndexCorrupt(
                 f"checksum error in {p}: size {size} bytes, manifest says {entry.get('size')}; "
-                f"the file was modified or truncated, {_REBUILD}"
+                f"the file was modified or truncated, {advice}"
             )
         if full or "sha256_ends" not in entry:
             ok = _sha256_file(p) == entry.get("sha256")
@@ -277,7 +289,7 @@ def _verify_files(d: Path, files: dict[str, Any], full: bool) -> None:
         if not ok:
             raise IndexCorrupt(
                 f"checksum error in {p}: its sha256 does not match {MANIFEST}; "
-                f"the file was modified or corrupted, {_REBUILD}"
+                f"the file was modified or corrupted, {advice}"
             )
 
 

@@ -2,8 +2,9 @@
 
 Bodies are read with a size limit, parsed as JSON into the pydantic models of
 :mod:`~medrwr.retrieval.service.schemas` (shape and types), then checked against the server's
-limits here (counts, lengths, ``k``); every rule lives in this module, and a broken rule is a 400
-(413 for a big body) that names the field.
+limits here (counts, lengths, ``k``) with the rules every retriever and the CLI share
+(:mod:`medrwr.retrieval.limits`; the ``server.max_*`` settings default to its numbers). A broken
+rule is a 400 (413 for a big body) that names the field.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from medrwr.config import ServerConfig
+from medrwr.errors import InputError
+from medrwr.retrieval import limits
 from medrwr.retrieval.service.errors import APIError, bad
 from medrwr.retrieval.service.schemas import ImageSearchRequest, validation_message
 
@@ -27,31 +30,29 @@ _DRAIN_LIMIT = 16 * 1024 * 1024
 sees the answer instead of a connection reset; beyond it the connection is closed."""
 
 
+def _as_400(exc: InputError) -> APIError:
+    return bad(str(exc), exc.code, exc.param)
+
+
 def check_queries(queries: list[str], cfg: ServerConfig) -> None:
-    if not queries:
-        raise bad("'queries' is empty: send at least one query", "empty_queries", "queries")
-    if len(queries) > cfg.max_queries_per_request:
-        raise bad(
-            f"too many queries in one request: {len(queries)} > {cfg.max_queries_per_request} "
-            "(server.max_queries_per_request); split the batch",
-            "too_many_queries",
-            "queries",
+    """The shared query rules (:func:`medrwr.retrieval.limits.check_queries`) with this server's limits."""
+    try:
+        limits.check_queries(
+            queries,
+            max_queries=cfg.max_queries_per_request,
+            max_chars=cfg.max_query_chars,
+            settings=("server.max_queries_per_request", "server.max_query_chars"),
         )
-    for i, q in enumerate(queries):
-        if len(q) > cfg.max_query_chars:
-            raise bad(
-                f"queries[{i}] has {len(q)} characters; the limit is {cfg.max_query_chars} "
-                "(server.max_query_chars)",
-                "query_too_long",
-                f"queries[{i}]",
-            )
-        if not q.strip():
-            raise bad(f"queries[{i}] is empty or whitespace only", "empty_query", f"queries[{i}]")
+    except InputError as exc:
+        raise _as_400(exc) from None
 
 
 def check_k(k: int, cfg: ServerConfig) -> None:
-    if not 1 <= k <= cfg.max_k:
-        raise bad(f"k must be between 1 and {cfg.max_k} (server.max_k), got {k}", "k_out_of_range", "k")
+    """The shared ``k`` rule (:func:`medrwr.retrieval.limits.check_k`) with ``server.max_k``."""
+    try:
+        limits.check_k(k, max_k=cfg.max_k, setting="server.max_k")
+    except InputError as exc:
+        raise _as_400(exc) from None
 
 
 def check_images(n: int, cfg: ServerConfig) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
+
 class SearchRequest(BaseModel):
     """``POST /v1/search``. ``mode`` None uses the index's default mode."""
 

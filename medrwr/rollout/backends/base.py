@@ -18,6 +18,13 @@ Contract of :meth:`PolicyBackend.generate`:
 Log-probabilities are those of the model's raw next-token distribution (temperature 1, before logits
 processors and sampling warpers), as vLLM's default ``raw_logprobs``; with temperature 1.0 and top-p 1.0 (the
 training setting) that is also the sampling distribution.
+
+Constrained decoding (``rollout.constrain: protocol``, :mod:`medrwr.rollout.constrain`): backends with
+``supports_constraints = True`` take ``constraints=[TurnGrammar | None, ...]``, one per state, and sample only
+tokens that keep that row's turn inside its grammar (None leaves the row free). ``constrained_logprobs`` says
+which log-probabilities they then report: ``"raw"`` (the model's own, unconstrained: transformers) or
+``"masked"`` (after the grammar mask: vLLM). The engine passes ``constraints`` only when constraining, so a
+backend without the keyword keeps working unconstrained.
 """
 
 from __future__ import annotations
@@ -141,6 +148,7 @@ class PolicyBackend(Protocol):
         *,
         watch_token_ids: Sequence[int] = (),
         top_logprobs: int = 0,
+        constraints: Sequence[Any] | None = None,
     ) -> list[Continuation]: ...
 
 
@@ -182,10 +190,13 @@ class ScriptedBackend:
 
     ``letter_probs`` (per request id: letter -> probability) makes watched option-letter tokens carry those
     probabilities at every position, and emitted letter tokens their letter's log-probability; other tokens get
-    ``token_logprob``. ``calls`` records every (ids, images count, budget) the backend was asked to continue.
+    ``token_logprob``. ``calls`` records every (ids, images count, budget) the backend was asked to continue,
+    and the turn grammar it was given (``constraint``; scripted text is not checked against it).
     """
 
     supports_images = False
+    supports_constraints = True
+    constrained_logprobs = "raw"
 
     def __init__(
         self,
@@ -259,11 +270,14 @@ class ScriptedBackend:
         *,
         watch_token_ids: Sequence[int] = (),
         top_logprobs: int = 0,
+        constraints: Sequence[Any] | None = None,
     ) -> list[Continuation]:
         budgets = per_row_budgets(max_new_tokens, len(states))
+        grammars = list(constraints) if constraints is not None else [None] * len(states)
         self.calls.append(
-            [{"ids": list(s.ids), "images": len(s.mm) if s.mm else 0, "budget": b, "request_id": s.request_id}
-             for s, b in zip(states, budgets)]
+            [{"ids": list(s.ids), "images": len(s.mm) if s.mm else 0, "budget": b, "request_id": s.request_id,
+              "constraint": g}
+             for s, b, g in zip(states, budgets, grammars)]
         )
         out = []
         for state, budget in zip(states, budgets):

@@ -13,6 +13,10 @@
   together with ``mm_token_type_ids``, which transformers 5 needs to compute Qwen2.5-VL's M-RoPE positions.
 * **Sampling settings are explicit.** Fields left unset in a ``GenerationConfig`` are filled from the
   checkpoint's (Qwen2.5-VL ships ``top_k=1, repetition_penalty=1.05``), so every knob is set here.
+* **Constrained decoding** (``constraints=``, :mod:`medrwr.rollout.constrain`): a grammar processor placed
+  right after the recorder masks each constrained row to the tokens its turn grammar allows (one llguidance
+  matcher per row, fresh every call). The recorder still sees the raw logits, so the recorded log-probabilities
+  stay the model's own (``constrained_logprobs = "raw"``). Without constraints nothing changes.
 """
 
 from __future__ import annotations
@@ -33,10 +37,19 @@ from medrwr.rollout.backends.base import (
     find_stop,
     per_row_budgets,
 )
+from medrwr.rollout.backends.policy_cache import (
+    cache_writable,
+    check_hub_id,
+    convert_gguf_policy,
+    into_own_memory,
+    load_gguf_directly,
+    quiet_transformers,
+)
+from medrwr.rollout.backends.processing import image_placeholder_ids, render_chat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFBackend", "image_placeholder_ids", "load_hf_policy", "render_chat"]
+__all__ = ["HFBackend", "load_hf_policy"]
 
 _STOP_WINDOW = 24  # tokens decoded per step to look for a stop string (a stop string spans far fewer)
 
@@ -134,6 +147,9 @@ class HFBackend:
     ``logits_processors`` run after the log-probability recorder (tests pass a scripted-transcript forcer);
     ``temperature=0`` is greedy decoding.
     """
+
+    supports_constraints = True
+    constrained_logprobs = "raw"
 
     def __init__(
         self,
@@ -243,8 +259,8 @@ class HFBackend:
             do_sample=sample,
             temperature=self.temperature if sample else 1.0,
             top_p=self.top_p if sample else 1.0,
-            top_k=self.top_k if sample else 0,
-            min_p=0.0,
+            top_k=self.top_k if sample else None,  # greedy: unset (transformers warns on a value it ignores)
+            min_p=0.0 if sample else None,
             typical_p=1.0,
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
@@ -294,6 +310,16 @@ class HFBackend:
             raise BackendError(f"the ids hold {n_pad} image placeholder tokens but no image inputs were given")
         return batch
 
+    def _grammar_processor(self, constraints: Sequence[Any], n: int, width: int, stops: _Stops):
+        from medrwr.rollout.constrain import GrammarLogitsProcessor
+
+        if len(constraints) != n:
+            raise BackendError(f"constraints has {len(constraints)} entries for {n} states")
+        n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        return GrammarLogitsProcessor(
+            self.tokenizer, n_vocab, constraints, width, finished=lambda b: stops.length[b] is not None
+        )
+
     def generate(
         self,
         states: Sequence[GenerationState],
@@ -302,6 +328,7 @@ class HFBackend:
         *,
         watch_token_ids: Sequence[int] = (),
         top_logprobs: int = 0,
+        constraints: Sequence[Any] | None = None,
     ) -> list[Continuation]:
         torch = _torch()
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -320,13 +347,17 @@ class HFBackend:
         top_n = max(top_logprobs, self.top_logprobs)
         recorder = _Recorder(watch_token_ids, top_n, width)
         stops = _Stops(self.tokenizer, stop, width, budgets, self._eos)
+        processors = [recorder]
+        if constraints is not None and any(g is not None for g in constraints):
+            processors.append(self._grammar_processor(constraints, len(states), width, stops))
+        processors.extend(self.logits_processors)
         if self.seed is not None:  # reproducible, but a fresh stream per call (turns and steps must not repeat)
             torch.manual_seed(self.seed + self.forward_calls)
         with torch.inference_mode():
             seqs = self.model.generate(
                 **batch,
                 generation_config=self._generation_config(max(budgets)),
-                logits_processor=LogitsProcessorList([recorder, *self.logits_processors]),
+                logits_processor=LogitsProcessorList(processors),
                 stopping_criteria=StoppingCriteriaList([stops]),
             )
         self.forward_calls += 1
@@ -367,66 +398,8 @@ class HFBackend:
         return out
 
 
-def _has_image_parts(messages: Sequence[dict[str, Any]]) -> bool:
-    return any(
-        isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
-        for m in messages
-    )
-
-
-def render_chat(processor: Any, messages: list[dict[str, Any]], supports_images: bool) -> tuple[list[int], Any]:
-    """Prompt ids from the chat template (+ the processor's image tensors for a VLM prompt with images).
-
-    For a VLM the ids are exactly ``processor.apply_chat_template(messages, add_generation_prompt=True,
-    tokenize=True)``, which TRL relies on when it rebuilds ``pixel_values`` from the dataset images.
-    """
-    if supports_images and any(isinstance(m.get("content"), list) for m in messages):
-        enc = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        return [int(x) for x in enc["input_ids"][0].tolist()], enc
-    if _has_image_parts(messages):
-        raise BackendError(
-            "this policy is text-only but the prompt has images: pass a vision-language model "
-            "(e.g. --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder)"
-        )
-    tokenizer = getattr(processor, "tokenizer", None) or processor
-    flat = [
-        {**m, "content": m["content"] if isinstance(m.get("content"), str)
-         else "".join(str(p.get("text", "")) for p in m.get("content", []) if isinstance(p, dict))}
-        for m in messages
-    ]
-    if not getattr(tokenizer, "chat_template", None):
-        raise BackendError("the tokenizer has no chat template; use an instruct (chat) checkpoint")
-    enc = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
-    if hasattr(enc, "keys"):
-        enc = enc["input_ids"]
-    if enc and isinstance(enc[0], list):
-        enc = enc[0]
-    return [int(x) for x in enc], None
-
-
-def image_placeholder_ids(processor: Any, image: Any) -> tuple[list[int], Any]:
-    """``<|vision_start|>`` + ``<|image_pad|>`` × n + ``<|vision_end|>`` for one image, and its processor output.
-
-    ``n = prod(image_grid_thw) / merge_size²``, the same expansion the processor applies to a chat prompt.
-    """
-    tokenizer = getattr(processor, "tokenizer", None) or processor
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is None:
-        raise BackendError("this processor has no image processor: the policy is text-only")
-    out = image_processor(images=[image], return_tensors="pt")
-    merge = int(getattr(image_processor, "merge_size", 2))
-    n = int(out["image_grid_thw"][0].prod()) // (merge * merge)
-    vocab = tokenizer.get_vocab()
-    image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
-    ids = [vocab.get("<|vision_start|>"), vocab.get(image_token), vocab.get("<|vision_end|>")]
-    if None in ids:
-        raise BackendError("the tokenizer lacks <|vision_start|>, <|image_pad|> or <|vision_end|>")
-    return [ids[0]] + [ids[1]] * n + [ids[2]], out
-
-
 # ---------------------------------------------------------------------- loading
+# (converting GGUF files once and checking hub ids: medrwr.rollout.backends.policy_cache)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -448,10 +421,13 @@ def load_hf_policy(
     *,
     dtype: str = "auto",
     device: str = "auto",
+    progress: bool = True,
     **backend_kwargs: Any,
 ) -> HFBackend:
     """Load a policy by hub id, local folder or ``.gguf`` file; None = the packaged SmolLM2-135M-Instruct.
 
+    A ``.gguf`` file is converted once into the cache and loaded from there (with progress lines when
+    ``progress``); a hub id that cannot be fetched fails at once. Both: :mod:`.policy_cache`.
     Vision-language checkpoints (a config with ``vision_config``) load with ``AutoModelForImageTextToText`` and
     :func:`medrwr.rollout.backends.processing.load_processor`; others with ``AutoModelForCausalLM``.
     """
@@ -469,29 +445,36 @@ def load_hf_policy(
 
         name_or_path = smollm2_gguf_path()
     path = Path(name_or_path).expanduser()
-    if _is_gguf(path):
-        require("gguf", "models", "loading GGUF checkpoints")
-        folder, name = str(path.parent), path.name
-        logger.info("loading GGUF policy %s (dequantised to float32)", path)
-        tok = load_tokenizer(folder, gguf_file=name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        return HFBackend(model.to(device).eval(), tok, **backend_kwargs)
-    if str(name_or_path).startswith((".", "/", "~")) and not path.exists():
+    converted = _is_gguf(path)
+    if converted:
+        if not cache_writable(path):  # read-only cache: parse the GGUF file (slow, every run)
+            model, tok = load_gguf_directly(path)
+            return HFBackend(model.to(device).eval(), tok, **backend_kwargs)
+        source = str(convert_gguf_policy(path, progress=progress))
+    elif path.exists():
+        source = str(path)
+    elif str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).endswith(".gguf"):
         raise BackendError(f"no model at {path}: pass a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a local folder")
+    else:
+        source = str(name_or_path)
+        check_hub_id(source)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(name_or_path))
+        config = transformers.AutoConfig.from_pretrained(source)
     except OSError as exc:
+        reason = str(exc).strip().rstrip(".")
         raise BackendError(
-            f"cannot load model config for {name_or_path!r}: {exc}. Pass a hub id reachable from this machine "
-            "or a local checkpoint folder."
+            f"cannot load the model config of {str(name_or_path)!r}: {reason}. Pass a hub id reachable from this "
+            "machine or a local checkpoint folder."
         ) from None
     torch_dtype = _torch_dtype(dtype)
-    if hasattr(config, "vision_config"):
-        auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        model = auto.from_pretrained(str(name_or_path), dtype=torch_dtype)
-        processor = load_processor(name_or_path)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
-        processor = load_tokenizer(name_or_path)
+    with quiet_transformers():
+        if hasattr(config, "vision_config"):
+            auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+            model = auto.from_pretrained(source, dtype=torch_dtype)
+            processor = load_processor(source)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            processor = load_tokenizer(source)
+    if converted and device == "cpu":
+        into_own_memory(model)  # exactly the GGUF-loaded model's log-probs (moving to a GPU copies anyway)
     return HFBackend(model.to(device).eval(), processor, **backend_kwargs)
-

@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from medrwr.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +89,33 @@ def _recorded_class(path: Path) -> str | None:
     return None
 
 
+def _no_bpe_cleanup(tokenizer: Any) -> Any:
+    """Set ``clean_up_tokenization_spaces=False`` where transformers ignores it anyway (BPE tokenizers).
+
+    transformers 5 skips that clean-up for BPE models (it would strip real spaces) and warns on the first
+    decode of every process; False decodes identically without the warning. WordPiece tokenizers keep theirs.
+    """
+    tok = getattr(tokenizer, "tokenizer", None) or tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if (
+        getattr(tok, "clean_up_tokenization_spaces", False)
+        and backend is not None
+        and type(backend.model).__name__ == "BPE"
+        and not getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    ):
+        tok.clean_up_tokenization_spaces = False
+    return tokenizer
+
+
 def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> Any:
-    """``AutoTokenizer.from_pretrained`` with left padding set at construction (TRL's log-probs need it)."""
+    """``AutoTokenizer.from_pretrained`` with left padding set at construction (TRL's log-probs need it).
+
+    A BPE tokenizer's ignored ``clean_up_tokenization_spaces`` is turned off (same output, no warning).
+    """
     from transformers import AutoTokenizer
 
     kwargs.setdefault("padding_side", "left")
-    return AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)
+    return _no_bpe_cleanup(AutoTokenizer.from_pretrained(str(path_or_id), **kwargs))
 
 
 def load_processor(path_or_id: str | os.PathLike, **kwargs: Any) -> Any:
@@ -132,6 +156,68 @@ def load_processor(path_or_id: str | os.PathLike, **kwargs: Any) -> Any:
             )
         else:
             if isinstance(proc, ProcessorMixin) and getattr(proc, "image_processor", None) is not None:
-                return proc
+                return _no_bpe_cleanup(proc)
             logger.info("AutoProcessor gave no image processor for %s; using %s", source, _IMAGE_ONLY)
-    return _image_only_class().from_pretrained(source, **kwargs)
+    return _no_bpe_cleanup(_image_only_class().from_pretrained(source, **kwargs))
+
+
+# ---------------------------------------------------------------------- prompts shared by the backends
+
+
+def _has_image_parts(messages: Sequence[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+        for m in messages
+    )
+
+
+def render_chat(processor: Any, messages: list[dict[str, Any]], supports_images: bool) -> tuple[list[int], Any]:
+    """Prompt ids from the chat template (+ the processor's image tensors for a VLM prompt with images).
+
+    For a VLM the ids are exactly ``processor.apply_chat_template(messages, add_generation_prompt=True,
+    tokenize=True)``, which TRL relies on when it rebuilds ``pixel_values`` from the dataset images.
+    """
+    if supports_images and any(isinstance(m.get("content"), list) for m in messages):
+        enc = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        return [int(x) for x in enc["input_ids"][0].tolist()], enc
+    if _has_image_parts(messages):
+        raise BackendError(
+            "this policy is text-only but the prompt has images: pass a vision-language model "
+            "(e.g. --model Qwen/Qwen2.5-VL-7B-Instruct or a local Qwen2.5-VL folder)"
+        )
+    tokenizer = getattr(processor, "tokenizer", None) or processor
+    flat = [
+        {**m, "content": m["content"] if isinstance(m.get("content"), str)
+         else "".join(str(p.get("text", "")) for p in m.get("content", []) if isinstance(p, dict))}
+        for m in messages
+    ]
+    if not getattr(tokenizer, "chat_template", None):
+        raise BackendError("the tokenizer has no chat template; use an instruct (chat) checkpoint")
+    enc = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+    if hasattr(enc, "keys"):
+        enc = enc["input_ids"]
+    if enc and isinstance(enc[0], list):
+        enc = enc[0]
+    return [int(x) for x in enc], None
+
+
+def image_placeholder_ids(processor: Any, image: Any) -> tuple[list[int], Any]:
+    """``<|vision_start|>`` + ``<|image_pad|>`` × n + ``<|vision_end|>`` for one image, and its processor output.
+
+    ``n = prod(image_grid_thw) / merge_size²``, the same expansion the processor applies to a chat prompt.
+    """
+    tokenizer = getattr(processor, "tokenizer", None) or processor
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise BackendError("this processor has no image processor: the policy is text-only")
+    out = image_processor(images=[image], return_tensors="pt")
+    merge = int(getattr(image_processor, "merge_size", 2))
+    n = int(out["image_grid_thw"][0].prod()) // (merge * merge)
+    vocab = tokenizer.get_vocab()
+    image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
+    ids = [vocab.get("<|vision_start|>"), vocab.get(image_token), vocab.get("<|vision_end|>")]
+    if None in ids:
+        raise BackendError("the tokenizer lacks <|vision_start|>, <|image_pad|> or <|vision_end|>")
+    return [ids[0]] + [ids[1]] * n + [ids[2]], out

@@ -7,6 +7,7 @@ import their heavy libraries when called, so listing the backends stays instant.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,7 +18,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from medrwr.config import ModelConfig, RolloutConfig
     from medrwr.rollout.backends.base import PolicyBackend
 
-__all__ = ["BACKENDS", "BackendSpec", "backend_spec", "build_backend", "policy_supports_images"]
+__all__ = [
+    "BACKENDS",
+    "BackendSpec",
+    "apply_threads",
+    "backend_spec",
+    "build_backend",
+    "policy_supports_images",
+    "resolve_threads",
+]
 
 
 @dataclass(frozen=True)
@@ -33,20 +42,53 @@ class BackendSpec:
     description: str = ""
 
 
+def resolve_threads(threads: int | None = None) -> int:
+    """The torch thread count to use: ``threads`` (``model.threads``) when set, else 1 on a machine with at most
+    2 cores, else half the cores (hyper-threads share a core's arithmetic units), at most 8 (a policy this size
+    stops gaining). On a shared 2-core machine torch with 2 threads generated 14x slower than with 1 under load
+    (docs/stack.md, "Threads and timing"): oversubscription costs far more than the second core gains.
+
+    >>> resolve_threads(3)
+    3
+    """
+    if threads is not None:
+        return int(threads)
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else max(1, min(8, cores // 2))
+
+
+def apply_threads(threads: int | None) -> int:
+    """Set torch's intra-op CPU threads to ``model.threads`` (None = :func:`resolve_threads`'s default) and
+    return the count now in force. Called when a backend loads."""
+    from medrwr._imports import require
+
+    torch = require("torch", "models", "the policy backends")
+    n = resolve_threads(threads)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def _build_hf(model: ModelConfig, rollout: RolloutConfig) -> PolicyBackend:
     from medrwr.rollout.backends.hf import load_hf_policy
 
-    return load_hf_policy(
+    threads = apply_threads(model.threads)
+    backend = load_hf_policy(
         model.name, dtype=model.dtype, device=model.device, temperature=rollout.temperature, top_p=rollout.top_p,
         seed=rollout.seed,
     )
+    backend.threads = threads  # type: ignore[attr-defined]
+    return backend
 
 
 def _build_vllm(model: ModelConfig, rollout: RolloutConfig) -> PolicyBackend:
     from medrwr.rollout.backends.vllm import VLLMBackend
+    from medrwr.rollout.constrain import resolve_constrain
 
+    apply_threads(model.threads)
     return VLLMBackend.load(
-        model.name, dtype=model.dtype, temperature=rollout.temperature, top_p=rollout.top_p, seed=rollout.seed
+        model.name, dtype=model.dtype, temperature=rollout.temperature, top_p=rollout.top_p, seed=rollout.seed,
+        constrained=resolve_constrain(model, rollout) != "none",
     )
 
 

@@ -9,6 +9,12 @@ re-fed prefix of every later turn cheap.
 vLLM reports the top-N log-probabilities per position (plus the sampled token's), not arbitrary ids, so option
 letters outside the top-N read as impossible; ``logprobs=20`` (vLLM's default cap) covers them in practice.
 
+Constrained decoding (``constraints=``, :mod:`medrwr.rollout.constrain`): each constrained row's turn grammar
+goes into ``SamplingParams(structured_outputs=StructuredOutputsParams(grammar=<lark text>))``, which vLLM 0.31
+applies with llguidance (``LLM(structured_outputs_config={"backend": "guidance"})``, set by ``load(constrained=
+True)``), the same library and grammar text as the transformers backend. vLLM computes log-probabilities after
+its grammar mask, so they are renormalised over the allowed tokens (``constrained_logprobs = "masked"``).
+
 Untested on the CPU build machine; ``tests/test_rollout_vllm.py`` runs it where a CUDA GPU and vllm exist.
 """
 
@@ -36,6 +42,9 @@ __all__ = ["VLLMBackend"]
 
 class VLLMBackend:
     """A ``vllm.LLM`` behind the :class:`PolicyBackend` interface; the processor renders prompts and images."""
+
+    supports_constraints = True
+    constrained_logprobs = "masked"
 
     def __init__(
         self,
@@ -67,8 +76,10 @@ class VLLMBackend:
 
     @classmethod
     def load(cls, name_or_path: str | None, *, dtype: str = "auto", temperature: float = 1.0, top_p: float = 1.0,
-             seed: int | None = None, max_images: int = 4, **llm_kwargs: Any) -> VLLMBackend:
-        """``vllm.LLM(model, dtype, enable_prefix_caching=True, limit_mm_per_prompt={"image": max_images})``."""
+             seed: int | None = None, max_images: int = 4, constrained: bool = False,
+             **llm_kwargs: Any) -> VLLMBackend:
+        """``vllm.LLM(model, dtype, enable_prefix_caching=True, limit_mm_per_prompt={"image": max_images})``;
+        ``constrained`` selects vLLM's ``guidance`` (llguidance) structured-output backend for the turn grammars."""
         from medrwr._imports import require
 
         vllm = require("vllm", "vllm", "the vLLM policy backend")
@@ -78,6 +89,8 @@ class VLLMBackend:
 
         llm_kwargs.setdefault("enable_prefix_caching", True)
         llm_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images})
+        if constrained:
+            llm_kwargs.setdefault("structured_outputs_config", {"backend": "guidance"})
         llm = vllm.LLM(model=str(name_or_path), dtype=dtype, seed=seed or 0, **llm_kwargs)
         processor = load_processor(name_or_path)
         gc_eos = None
@@ -93,21 +106,32 @@ class VLLMBackend:
         return set(self._eos)
 
     def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
-        from medrwr.rollout.backends.hf import render_chat
+        from medrwr.rollout.backends.processing import render_chat
 
         ids, _ = render_chat(self.processor, messages, self.supports_images)
         mm = MultimodalInputs(images=list(images), data={"image": list(images)}) if images else None
         return PromptInputs(prompt_ids=ids, mm=mm)
 
     def encode_image(self, image: Any) -> tuple[list[int], MultimodalInputs]:
-        from medrwr.rollout.backends.hf import image_placeholder_ids
+        from medrwr.rollout.backends.processing import image_placeholder_ids
 
         if not self.supports_images:
             raise BackendError("CDIR inserts an image, which needs a vision-language model")
         ids, _ = image_placeholder_ids(self.processor, image)
         return ids, MultimodalInputs(images=[image], data={"image": [image]})
 
-    def _params(self, stop: Sequence[str], budget: int, seed: int | None):
+    @staticmethod
+    def _structured(grammar: Any) -> dict[str, Any]:
+        """The SamplingParams keyword carrying one turn grammar (vLLM >= 0.12 names; older GuidedDecodingParams)."""
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+        except ImportError:  # pragma: no cover - vLLM < 0.12
+            from vllm.sampling_params import GuidedDecodingParams
+
+            return {"guided_decoding": GuidedDecodingParams(grammar=grammar.lark)}
+        return {"structured_outputs": StructuredOutputsParams(grammar=grammar.lark)}
+
+    def _params(self, stop: Sequence[str], budget: int, seed: int | None, grammar: Any = None):
         import vllm
 
         kwargs: dict[str, Any] = {
@@ -123,6 +147,8 @@ class VLLMBackend:
         }
         if seed is not None:
             kwargs["seed"] = seed
+        if grammar is not None:
+            kwargs.update(self._structured(grammar))
         return vllm.SamplingParams(**kwargs)
 
     def generate(
@@ -133,10 +159,14 @@ class VLLMBackend:
         *,
         watch_token_ids: Sequence[int] = (),
         top_logprobs: int = 0,
+        constraints: Sequence[Any] | None = None,
     ) -> list[Continuation]:
         import numpy as np
 
         budgets = per_row_budgets(max_new_tokens, len(states))
+        grammars = list(constraints) if constraints is not None else [None] * len(states)
+        if len(grammars) != len(states):
+            raise BackendError(f"constraints has {len(grammars)} entries for {len(states)} states")
         prompts, params = [], []
         for row, (s, b) in enumerate(zip(states, budgets)):
             p: dict[str, Any] = {"prompt_token_ids": list(s.ids)}
@@ -146,7 +176,7 @@ class VLLMBackend:
             # One seed per row and call: GRPO repeats each prompt num_generations times, and a shared seed
             # would give every copy the same completion (zero advantage).
             seed = None if self.seed is None else self.seed + self._calls * len(states) + row
-            params.append(self._params(stop, max(b, 1), seed))
+            params.append(self._params(stop, max(b, 1), seed, grammars[row]))
         self._calls += 1
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         result = []

@@ -252,3 +252,50 @@ def test_demo_index_from_real_images(tmp_path):
     res = idx.search_images(paths, k=1)
     assert [r[0].image_id for r in res] == [it["image_id"] for it in idx.items]
     assert all(r[0].report for r in res)
+
+
+def test_reports_file_formats_and_column_aliases(corpus, tmp_path):
+    """Every format `medrwr index build-images --reports` takes reads to the same cases."""
+    from medrwr.retrieval.index.images import read_image_manifest
+
+    want = [("case1", "img/case1.png", "r1"), ("case4", "img/case4.png", "r4")]
+    files = {
+        "a.jsonl": "".join(json.dumps({"image": i, "report": r}) + "\n" for _, i, r in want),
+        "b.json": json.dumps({i: r for _, i, r in want}),  # {image: report}
+        "c.json": json.dumps([{"file": i, "caption": r} for _, i, r in want]),  # aliases
+        "d.tsv": "filename\tfindings\n" + "".join(f"{i}\t{r}\n" for _, i, r in want),
+        "e.csv": "\ufeffpath,text,view\n" + "".join(f"{i},{r},PA\n" for _, i, r in want),  # BOM + metadata column
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        cases = list(read_image_manifest(tmp_path / name))
+        assert [(c.image_id, c.image, c.report) for c in cases] == want, name
+    assert [c.metadata for c in read_image_manifest(tmp_path / "e.csv")] == [{"view": "PA"}, {"view": "PA"}]
+    out = ImageIndex.build(tmp_path / "b.json", tmp_path / "idx", images_dir=corpus)
+    assert ImageIndex.load(out).search_images([corpus / "img" / "case4.png"], k=1)[0][0].report == "r4"
+
+
+def test_reports_file_without_an_image_column_or_rows(tmp_path, corpus):
+    from medrwr.retrieval.index.images import read_image_manifest
+
+    m = tmp_path / "m.csv"
+    m.write_text("picture,report\na.png,x\n")
+    with pytest.raises(ImageIndexError, match="no image column; name it 'image'"):
+        list(read_image_manifest(m))
+    m.write_text("image,report\n")
+    with pytest.raises(ImageIndexError, match="has no rows"):
+        ImageIndex.build(m, tmp_path / "out", images_dir=corpus)
+    with pytest.raises(ImageIndexError, match="images folder .* does not exist"):
+        ImageIndex.build(corpus / "manifest.jsonl", tmp_path / "out", images_dir=tmp_path / "nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_files_lists_images_by_suffix(corpus, tmp_path):
+    from medrwr.retrieval.index.images import image_files
+
+    (tmp_path / "a.PNG").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "b.png").write_bytes(b"x")
+    assert [p.name for p in image_files(tmp_path)] == ["a.PNG"]
+    assert len(image_files(corpus)) == N_IMAGES

@@ -7,6 +7,7 @@ local Ray Serve instance on loopback (2 shards + router), skipped with a reason 
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -176,18 +177,52 @@ def test_mismatched_shards_are_refused(shard_dirs):
         HybridRetriever(None, [a, c])
 
 
+@pytest.fixture
+def ray_sandbox(monkeypatch):
+    """Ray's files stay in a temp dir this test removes; nothing goes to ``/tmp/ray`` or ``~/.ray``.
+
+    The session dir (sockets, logs, Serve's files) goes under a short ``/tmp/rayXXXX`` (Unix socket paths must
+    stay under 107 bytes, and pytest's ``tmp_path`` can be longer) via ``RAY_TMPDIR`` and ``_temp_dir``. Ray 2.5x
+    turns token authentication on for a new local cluster and writes a generated token to ``~/.ray/auth_token``;
+    handing it a token in ``RAY_AUTH_TOKEN`` keeps authentication on and the home directory untouched.
+    """
+    import secrets
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    home_ray = Path.home() / ".ray"
+    before = {p: p.stat().st_mtime_ns for p in home_ray.rglob("*")} if home_ray.exists() else None
+    monkeypatch.setenv("RAY_TMPDIR", str(root))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    mine = f"_{os.getpid()}"
+    ours_before = {p.name for p in Path("/tmp/ray").glob(f"session_*{mine}")} if Path("/tmp/ray").is_dir() else set()
+    try:
+        yield root / "ray"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    after = {p: p.stat().st_mtime_ns for p in home_ray.rglob("*")} if home_ray.exists() else None
+    assert after == before, f"Ray wrote to {home_ray}"
+    ours_after = {p.name for p in Path("/tmp/ray").glob(f"session_*{mine}")} if Path("/tmp/ray").is_dir() else set()
+    assert ours_after == ours_before, "Ray wrote a session under /tmp/ray"
+
+
 @pytest.mark.slow
-def test_ray_serve_two_shards_equal_unsharded(shard_dirs, unsharded, loopback_server):
+def test_ray_serve_two_shards_equal_unsharded(shard_dirs, unsharded, loopback_server, ray_sandbox):
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'medrwr[ray]'")
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'medrwr[ray]'")
     from ray import serve
 
     from medrwr.retrieval.service.ray import deploy
 
-    # Keep every Ray service on loopback: tests send no traffic to any other address.
+    # Keep every Ray service on loopback: tests send no traffic to any other address; Ray's session dir
+    # (sockets, logs) lives in the test's own temp dir (ray_sandbox).
     ray.init(address="local", include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", _temp_dir=str(ray_sandbox))
     try:
+        assert list(ray_sandbox.glob("session_*")), "Ray's session dir is not under the test's temp dir"
         remote = deploy(shard_dirs[2])
         assert remote.doc_count == unsharded.doc_count
         assert len(remote.shards) == 2
