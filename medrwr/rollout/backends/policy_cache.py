@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medrwr._io import sha256_file
 from medrwr.errors import BackendError
 
 logger = logging.getLogger(__name__)
@@ -103,14 +104,6 @@ def _is_converted(folder: Path) -> bool:
     return (folder / _CONVERTED_MARKER).is_file() and (folder / "config.json").is_file()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_gguf_policy(gguf: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                         progress: bool = True) -> Path:
     """Convert a ``.gguf`` policy once into a transformers folder (safetensors + tokenizer files) and return it.
@@ -171,7 +164,7 @@ def _write_conversion(gguf: Path, tmp: Path, out: Path, progress: bool) -> None:
         "source": str(gguf),
         "source_size": st.st_size,
         "source_mtime_ns": st.st_mtime_ns,
-        "source_sha256": _file_sha256(gguf),
+        "source_sha256": sha256_file(gguf),
         "transformers": __version__,
         "policy_cache_version": POLICY_CACHE_VERSION,
         "seconds": round(time.perf_counter() - t0, 1),
