@@ -460,8 +460,9 @@ def ask(
     from medrwr.rollout.trace import render_trace
 
     try:
-        with err_console.status("loading the policy and the retriever…"):
-            engine = engine_from_config(cfg)
+        # a plain line, not a live spinner: a first-time KB build or policy conversion streams its own bars here
+        err_console.print("[dim]loading the policy and the retriever…[/dim]", highlight=False)
+        engine = engine_from_config(cfg)
         if images and not engine.backend.supports_images:
             raise CLIError(
                 f"--image needs a vision-language model; {cfg.model.name} is text-only. "
