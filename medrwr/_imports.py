@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from medrwr.errors import MissingExtraError  # noqa: F401 (re-exported)
+from medrwr.errors import MissingExtraError
 
 
 def is_available(module: str) -> bool:

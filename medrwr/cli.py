@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from medrwr.config import Config, ConfigError, load_config
-from medrwr.errors import CLIError, MedRwRError
+from medrwr.config import Config, load_config
+from medrwr.errors import CLIError, ConfigError, MedRwRError
 
 app = typer.Typer(
     name="medrwr",
@@ -140,7 +140,8 @@ def index_info(
 
     from rich.table import Table
 
-    from medrwr.retrieval.index.store import IndexCorrupt, IndexStoreError, load_manifest
+    from medrwr.errors import IndexCorrupt, IndexStoreError
+    from medrwr.retrieval.index.store import load_manifest
 
     damage = None
     try:

@@ -32,7 +32,7 @@ from typing import (
     get_type_hints,
 )
 
-from medrwr.errors import ConfigError  # noqa: F401 (re-exported)
+from medrwr.errors import ConfigError
 
 DEFAULT_RETRIEVAL_PORT = 8321
 DEFAULT_API_PORT = 8322

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medrwr.config import Config, ConfigError, load_config
+from medrwr.config import Config, load_config
+from medrwr.errors import ConfigError
 
 
 def test_defaults_match_method():

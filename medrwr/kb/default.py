@@ -133,7 +133,8 @@ def default_index_path() -> Path:
 
 def _is_ready(path: Path, sources: Sequence[str] | None = None, limit: int | None = None) -> bool:
     """True when ``path`` holds a finished default-KB index of this version with these sources/subset."""
-    from medrwr.retrieval.index.store import IndexStoreError, load_manifest
+    from medrwr.errors import IndexStoreError
+    from medrwr.retrieval.index.store import load_manifest
 
     try:
         manifest = load_manifest(path, verify=False)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import medrwr.rewards as rewards_pkg
-from medrwr.config import ConfigError, RewardConfig, load_config
+from medrwr.config import RewardConfig, load_config
+from medrwr.errors import ConfigError
 from medrwr.rewards.registry import (
     REWARD_NAMES,
     REWARD_SPECS,

@@ -227,7 +227,8 @@ def test_compile_lexicon_merges_shared_names_and_drops_ambiguous_abbreviations()
 
 
 def test_scispacy_extractor_reports_missing_extra_or_model():
-    from medrwr._imports import MissingExtraError, is_available
+    from medrwr._imports import is_available
+    from medrwr.errors import MissingExtraError
 
     if is_available("scispacy") and is_available("spacy"):
         with pytest.raises(OSError, match="placeholder"):

@@ -23,7 +23,7 @@ requires_vllm_gpu = pytest.mark.skipif(
 def test_vllm_backend_imports_lazily():
     """The module imports without vllm; choosing it without vllm names the extra to install."""
     import medrwr.rollout.backends.vllm as mod
-    from medrwr._imports import MissingExtraError
+    from medrwr.errors import MissingExtraError
     from medrwr.rollout.backends.registry import backend_spec
 
     spec = backend_spec("vllm")

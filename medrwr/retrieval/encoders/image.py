@@ -23,7 +23,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
-from medrwr.errors import ImageIndexError, ImageLoadError  # noqa: F401 (re-exported)
+from medrwr.errors import ImageIndexError
 from medrwr.retrieval.encoders.text import l2_normalize
 from medrwr.retrieval.image_io import load_image
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from medrwr._imports import require
 from medrwr.assets import minilm_dir
-from medrwr.errors import EncoderError  # noqa: F401 (re-exported)
+from medrwr.errors import EncoderError
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def load_index_encoder(info: dict[str, Any] | None, config: Any, dim: int | None
         max_seq_length=info.get("max_seq_length"),
     )
     if dim is not None and int(enc.dim) != int(dim):
-        from medrwr.retrieval.index.store import IndexStoreError
+        from medrwr.errors import IndexStoreError
 
         raise IndexStoreError(f"encoder {spec!r} has dim {enc.dim} but {where} has dim {dim}; rebuild the index")
     return enc

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medrwr._io import sha256_file
-from medrwr.errors import IndexCorrupt, IndexMissing, IndexStoreError, IndexVersionMismatch  # noqa: F401 (re-exported)
+from medrwr.errors import IndexCorrupt, IndexMissing, IndexStoreError, IndexVersionMismatch
 from medrwr.retrieval.index.corpus import Document
 
 logger = logging.getLogger(__name__)

@@ -198,7 +198,7 @@ def test_load_rejects_other_encoder_and_non_index(index, tmp_path):
 
 
 def test_tampered_index_is_rejected(corpus, tmp_path):
-    from medrwr.retrieval.index.store import IndexCorrupt
+    from medrwr.errors import IndexCorrupt
 
     out = ImageIndex.build(corpus / "manifest.jsonl", tmp_path / "idx")
     emb = np.load(out / "embeddings.npy")
