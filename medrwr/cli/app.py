@@ -1,9 +1,8 @@
-"""The ``medrwr`` command. Commands stay thin: parse flags, load the config, call a layer, render.
+"""The ``medrwr`` command: the root app, ``index``, ``retrieve`` and ``ask``; the other sub-commands live in
+sibling modules (``serve``, ``train``, ``eval``, ``demo``) and are registered here.
 
-Heavy libraries are imported inside commands, so ``medrwr --help`` is instant.
-
-Long module: every command's flags, help and input checks live in this one typer app (so ``--help``
-needs one import); the work itself is done by the layers each command calls.
+Commands stay thin: parse flags, load the config, call a layer, render. Heavy libraries are imported inside
+commands, so ``medrwr --help`` is instant.
 """
 
 from __future__ import annotations
@@ -13,11 +12,15 @@ import sys
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from medrwr.config import Config, load_config
-from medrwr.errors import CLIError, ConfigError, MedRwRError
+from medrwr.cli import demo as demo_cmd
+from medrwr.cli import eval as eval_cmd
+from medrwr.cli import train as train_cmd
+from medrwr.cli._shared import ConfigOpt, SetOpt, _config, console, err_console
+from medrwr.cli.serve import serve_app
+from medrwr.config import Config
+from medrwr.errors import CLIError, MedRwRError
 
 app = typer.Typer(
     name="medrwr",
@@ -27,34 +30,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 index_app = typer.Typer(help="Build and inspect knowledge-base indexes.", no_args_is_help=True)
-serve_app = typer.Typer(help="Run the retrieval service (the OpenAI-compatible API is not available in this version).",
-                        no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(serve_app, name="serve")
-
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/).")
-SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set retrieval.k=5 (repeatable).")
-
-
-def _config(config: Optional[str], overrides: Optional[List[str]]) -> Config:
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        raise CLIError(f"config error: {exc}") from None
-
-
-def _not_built(command: str, will: str) -> None:
-    from medrwr import __version__
-
-    err_console.print(
-        f"[yellow]`medrwr {command}` is not available in this version[/yellow] (medrwr {__version__}). "
-        f"When it is, it will {will}. It does nothing rather than pretend.",
-        highlight=False,
-    )
-    raise typer.Exit(code=2)
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_cmd)
+app.command("demo")(demo_cmd.demo)
 
 
 def _version(value: bool) -> None:
@@ -306,66 +286,6 @@ def retrieve(
         console.print(table)
 
 
-@serve_app.command("retrieval")
-def serve_retrieval(
-    index: Optional[str] = typer.Option(None, "--index", help="Index directory (default: shipped KB)."),
-    host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, "--port", help="Port (default 8321)."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Env var holding a bearer token."),
-    ray: bool = typer.Option(False, "--ray", help="Shard the index over Ray Serve replicas."),
-    shards: int = typer.Option(2, "--shards", help="Number of shards with --ray."),
-    config: Optional[str] = ConfigOpt,
-    overrides: Optional[List[str]] = SetOpt,
-) -> None:
-    """Run the batched retrieval HTTP service."""
-    import dataclasses
-    import os
-    from pathlib import Path
-
-    cfg = _config(config, overrides)
-    changes = {k: v for k, v in (("host", host), ("port", port), ("api_key_env", api_key_env)) if v is not None}
-    try:
-        cfg.server = dataclasses.replace(cfg.server, **changes)
-    except ConfigError as exc:
-        raise CLIError(f"bad option: {exc}") from None
-    if index:
-        cfg.retrieval.index = index
-    index_path = cfg.retrieval.index
-    if index_path is not None and not cfg.retrieval.url and not Path(index_path).expanduser().exists():
-        raise CLIError(
-            f"index directory {index_path} does not exist; build one with "
-            f"`medrwr index build --corpus PATH --out {index_path}` (or omit --index for the shipped KB)"
-        )
-    if ray and shards < 1:
-        raise CLIError(f"--shards must be >= 1, got {shards}")
-    if cfg.server.api_key_env and not os.environ.get(cfg.server.api_key_env):
-        raise CLIError(f"--api-key-env {cfg.server.api_key_env}: that environment variable is empty or unset")
-    from medrwr.errors import PortInUse
-    from medrwr.retrieval.service.server import serve
-
-    def ready(url: str) -> None:
-        auth = f", bearer key from ${cfg.server.api_key_env}" if cfg.server.api_key_env else ""
-        err_console.print(
-            f"[green]retrieval service[/green] at [bold]{url}[/bold] (POST /v1/search, /v1/search/image, /queries; "
-            f"GET /healthz, /metrics{auth}); Ctrl-C stops it"
-        )
-
-    log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
-    try:
-        serve(cfg, shards=shards if ray else 1, ray=ray, on_ready=ready, log_level=log_level)
-    except PortInUse as exc:
-        raise CLIError(str(exc)) from None
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        raise CLIError(str(exc)) from None
-
-
-@serve_app.command("api")
-def serve_api() -> None:
-    """Run the OpenAI-compatible API over the whole loop (not available in this version)."""
-    _not_built("serve api", "serve the reasoning-with-retrieval loop as an OpenAI-compatible chat API "
-               "(default port 8322)")
-
-
 # ------------------------------------------------------------------------------------------ rollout
 
 
@@ -478,30 +398,6 @@ def ask(
         typer.echo(trace.to_json())
     else:
         console.print(render_trace(trace))
-
-
-# ------------------------------------------------------------------------------------------ later layers
-
-
-@app.command("eval")
-def eval_cmd() -> None:
-    """Evaluate on medical VQA benchmarks (not available in this version)."""
-    _not_built("eval", "score a policy on medical VQA benchmarks in four settings (direct answer, RAG, "
-               "reasoning-with-retrieval, and with CDIR) and save per-question rows beside the summary")
-
-
-@app.command("train")
-def train() -> None:
-    """Two-stage GRPO training (not available in this version)."""
-    _not_built("train", "train a policy with two-stage GRPO (text-only, then multimodal) using the "
-               "rewards in medrwr.rewards")
-
-
-@app.command("demo")
-def demo() -> None:
-    """Open the web demo (not available in this version)."""
-    _not_built("demo", "open a web page showing the reasoning trace, the queries, the retrieved documents "
-               "and images")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
