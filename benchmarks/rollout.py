@@ -33,6 +33,7 @@ Measured in one run:
    prompts with and without the grammar. Retrieval is an in-memory FakeRetriever over the HPO passages.
 
 Every run prints and records the torch thread count (``--threads``, default 1).
+KV-cache reuse across turns (``rollout.kv_cache``), on vs off: ``--cache`` runs ``benchmarks/rollout_kv.py``.
 """
 
 from __future__ import annotations
@@ -430,7 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--think", type=int, default=None,
                     help="section 5: think-block cap in tokens (rollout.constrain_max_think_tokens; default 48)")
     ap.add_argument("--modes", default="none,protocol", help="section 5: decodings to run (none,protocol)")
+    ap.add_argument("--cache", action="store_true",
+                    help="run only the KV-cache reuse benchmark (benchmarks/rollout_kv.py: RwR/plain, reuse on vs off)")
     args = ap.parse_args(argv)
+    if args.cache:
+        import rollout_kv
+
+        return rollout_kv.main((["--quick"] if args.quick else []) + ["--threads", str(args.threads)])
 
     import torch
     from transformers import AutoModelForCausalLM

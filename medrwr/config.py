@@ -6,6 +6,9 @@ For an index's search settings (mode, rrf_k, weights, fusion_depth, ...) the ind
 Unknown keys and wrong types are errors naming the key and the file. Each section validates its own
 values in ``__post_init__`` and says how to fix a bad one.
 
+Long module: it is the one schema users read: a dataclass per YAML section (each checking its own values)
+plus the loader, kept together so every key, default and check is found in one place.
+
 >>> cfg = load_config(None, ["retrieval.k=5", "rollout.max_rounds=2"])
 >>> (cfg.retrieval.k, cfg.rollout.max_rounds)
 (5, 2)
@@ -17,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ from typing import (
 from medrwr.errors import ConfigError
 
 DEFAULT_RETRIEVAL_PORT = 8321
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 DEFAULT_API_PORT = 8322
 
 
@@ -61,6 +66,10 @@ class RetrievalConfig:
     rrf_k: int = 60
     bm25_weight: float = 1.0
     dense_weight: float = 1.0
+    name_weight: float = 1.0
+    """Weight of the exact-name ranking in hybrid fusion (indexes with a name table, e.g. the default KB)."""
+    name_bm25_weight: float = 0.0
+    """Weight of the BM25-over-names ranking in hybrid fusion (indexes with a name table)."""
     stemmer: str | None = "english"
     stopwords: str | None = "en"
     batch_size: int = 64
@@ -100,7 +109,8 @@ class RetrievalConfig:
             0 <= self.chunk_overlap < max(self.chunk_words, 1),
             f"retrieval.chunk_overlap must be in [0, chunk_words), got {self.chunk_overlap}",
         )
-        _check(self.bm25_weight >= 0 and self.dense_weight >= 0, "retrieval weights must be >= 0")
+        _check(min(self.bm25_weight, self.dense_weight, self.name_weight, self.name_bm25_weight) >= 0,
+               "retrieval weights must be >= 0")
 
     def settings(self) -> dict[str, Any]:
         """Every setting as a JSON-able dict (what an index manifest stores as ``build_config``)."""
@@ -156,9 +166,21 @@ class ServerConfig:
     max_images_per_request: int = 16
     graceful_shutdown_s: float = 30.0
     """How long a stopping server waits for in-flight requests before closing their connections."""
+    # the chat API only (medrwr serve api): limits, scheduler queue/batch/window, image URL policy (docs/serving.md)
+    max_messages: int = 64
+    max_message_chars: int = 20_000
+    max_input_image_pixels: int = 16_777_216
+    api_max_queue: int = 64
+    api_max_batch: int = 32
+    api_batch_wait_ms: float = 20.0
+    allow_file_root: str | None = None
+    allow_remote_images: bool = False
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, f"server.port must be in 1..65535, got {self.port}")
+        _check(self.max_messages >= 1 and self.api_max_queue >= 1 and self.api_max_batch >= 1,
+               "server.max_messages, server.api_max_queue and server.api_max_batch must be >= 1")
+        _check(self.api_batch_wait_ms >= 0, "server.api_batch_wait_ms must be >= 0")
         _check(0 < self.api_port < 65536, f"server.api_port must be in 1..65535, got {self.api_port}")
         _check(self.max_batch_size >= 1, "server.max_batch_size must be >= 1")
         _check(self.max_wait_ms >= 0, "server.max_wait_ms must be >= 0")
@@ -196,8 +218,14 @@ class RolloutConfig:
     """Constrained decoding: longest think block (tokens); the model may close it earlier."""
     constrain_max_query_tokens: int = 48
     """Constrained decoding: longest query block (tokens)."""
+    kv_cache: Literal["auto", "on", "off"] = "auto"
+    """Transformers backend: keep each row's keys/values across turns instead of re-reading the transcript
+    (``medrwr.rollout.backends.kv_cache``, docs/kv-cache.md). ``auto`` = on for text-only llama/qwen2/qwen3/mistral
+    models, off for vision-language models; ``on`` fails where it is not exact; ``off`` = the uncached path."""
 
     def __post_init__(self) -> None:
+        _check(self.kv_cache in ("auto", "on", "off"),
+               f"rollout.kv_cache must be auto, on or off, got {self.kv_cache!r}")
         _check(self.constrain_max_think_tokens >= 1, "rollout.constrain_max_think_tokens must be >= 1")
         _check(self.constrain_max_query_tokens >= 1, "rollout.constrain_max_query_tokens must be >= 1")
         _check(self.retrieval_timeout_s >= 0, "rollout.retrieval_timeout_s must be >= 0 (0 = no limit)")
@@ -283,13 +311,14 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Two-stage GRPO (docs/method.md §3)."""
+    """GRPO stages 1-2 and the SFT cold start (stage 0); paper values by default (docs/method.md §3, docs/training.md)."""
 
     stage: int = 1
     output_dir: str = "runs/medrwr"
-    dataset: str | None = None
+    dataset: str | None = None  # MedQA/MedMCQA/MCQ JSONL, JSON or parquet (medrwr.train.data)
+    limit: int | None = None  # first N samples only
     num_generations: int = 8
-    per_device_batch_size: int = 8
+    per_device_batch_size: int = 8  # completions per device per step (TRL's unit): 8 prompts x 8 = 64 in the paper
     learning_rate: float = 1e-6
     warmup_ratio: float = 0.05
     beta: float = 1e-3
@@ -298,20 +327,86 @@ class TrainConfig:
     max_steps: int = -1
     seed: int = 42
     bf16: bool = False
-    lora: bool = False
+    lora: int = 0  # LoRA rank (peft); 0 = full fine-tuning
+    rewards: list[str] = field(default_factory=lambda: ["total"])  # registry names (medrwr.rewards.registry)
+    trl: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig/SFTConfig field, checked by name
+    logprob_head: Literal["auto", "fused", "plain"] = "auto"  # training log-probs: TRL's fused head or a plain log-softmax over completion positions (auto: plain on CPU)
 
     def __post_init__(self) -> None:
-        _check(self.stage in (1, 2), f"train.stage must be 1 or 2, got {self.stage}")
+        _check(self.stage in (0, 1, 2), f"train.stage must be 0 (SFT), 1 or 2, got {self.stage}")
         _check(self.num_generations >= 2, "train.num_generations must be >= 2 (GRPO needs a group)")
+        _check(self.lora >= 0 and (self.limit is None or self.limit >= 1), "train.lora must be >= 0, train.limit >= 1")
+
+
+EVAL_MODES = ("direct", "rag", "rwr", "rwr_cdir", "all")
 
 
 @dataclass
 class EvalConfig:
+    """``medrwr eval`` (docs/evaluation.md, which explains every key); CLI flags override these keys."""
+
     benchmarks: list[str] = field(default_factory=list)
     data_dir: str | None = None
-    modes: list[str] = field(default_factory=lambda: ["rwr"])
+    modes: list[str] = field(default_factory=lambda: ["rwr"])  # direct, rag, rwr, rwr_cdir or all
     output_dir: str = "runs/eval"
     limit: int | None = None
+    batch_size: int = 8  # items per RolloutEngine.run call; each batch is fsynced to results.jsonl
+    preset: str = "standard"
+    split: str | None = None
+    languages: list[str] | None = None  # None = every language in the file
+    keep_tokens: bool = False  # keep the traces' token arrays in results.jsonl
+    base_url: str | None = None  # endpoint of an openai:MODEL policy; its key is read from api_key_env
+    api_key_env: str = "OPENAI_API_KEY"
+    continuation: Literal["turns", "prefill"] = "turns"
+    concurrency: int = 8
+    request_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in EVAL_MODES]
+        _check(not bad, f"eval.modes: unknown {bad}; choose from {', '.join(EVAL_MODES)}")
+        _check((self.limit is None or self.limit >= 1) and self.batch_size >= 1 and self.concurrency >= 1
+               and self.request_timeout_s > 0, "eval.limit, batch_size, concurrency must be >= 1, timeout > 0")
+
+
+@dataclass
+class DataConfig:
+    """``medrwr data synth`` and ``medrwr kb from-explanations`` (docs/data-pipelines.md explains every key)."""
+
+    n: int = 6500  # questions wanted (the paper's stage-2 set had about 6,500)
+    image_encoder: str = "pixel-stats"  # select: any medrwr image encoder spec (hf:..., open_clip:...)
+    clusters: int = 0  # select: k-means clusters; 0 = about sqrt(pairs), at most the pairs selected
+    oversample: float = 2.0  # select n * oversample pairs: write and stratify drop some
+    seed: int = 0
+    concurrency: int = 8  # write: requests in flight
+    attempts: int = 3  # write: tries per caption until the reply validates
+    http_retries: int = 4  # write: retries per request on timeouts, 429 and 5xx
+    backoff_s: float = 1.0  # write: first retry wait (doubles; a Retry-After header wins, capped at 60 s)
+    timeout_s: float = 60.0
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    price_in_per_mtok: float = 0.0  # write: prices for the progress bar's cost estimate (0 = tokens only)
+    price_out_per_mtok: float = 0.0
+    samples: int = 8  # stratify: policy answers per question (direct mode, no retrieval)
+    stratify_temperature: float = 1.0  # stratify: sampling temperature of the policy (0 would answer alike n times)
+    band: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """stratify keeps questions whose accuracy over the samples is strictly inside (lo, hi): the paper keeps
+    those the model neither always nor never answers right. [-1, 2] keeps everything."""
+    kb_min_words: int = 5
+    kb_max_words: int = 80
+    kb_dedup: Literal["auto", "minhash", "embedding"] = "auto"  # auto: minhash when datasketch is installed
+    kb_dedup_threshold: float = 0.8  # kb: MinHash Jaccard from which a statement is a near-duplicate
+    kb_dedup_cosine: float = 0.95  # kb, embedding dedup: cosine (retrieval.encoder) from which it is one
+    kb_num_perm: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1 and self.samples >= 1 and self.concurrency >= 1 and self.attempts >= 1,
+               "data.n, data.samples, data.concurrency and data.attempts must be >= 1")
+        _check(self.oversample >= 1.0 and self.clusters >= 0 and self.http_retries >= 0 and self.timeout_s > 0,
+               "data.oversample must be >= 1, data.clusters and data.http_retries >= 0, data.timeout_s > 0")
+        _check(len(self.band) == 2 and self.band[0] < self.band[1],
+               f"data.band must be [lo, hi] with lo < hi (e.g. [0.0, 1.0]), got {self.band}")
+        _check(0.0 < self.kb_dedup_threshold <= 1.0 and 1 <= self.kb_min_words <= self.kb_max_words,
+               "data.kb_dedup_threshold must be in (0, 1]; 1 <= data.kb_min_words <= data.kb_max_words")
 
 
 @dataclass
@@ -326,6 +421,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -384,6 +480,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string; it is a number to every user
         raise ConfigError(f"{key} in {source}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

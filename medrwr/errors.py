@@ -15,6 +15,9 @@ Each class also keeps the builtin base it had before the tree existed (``ConfigE
      │    │                             (medrwr.retrieval.limits); carries ``code``, ``param`` (exit 2)
      │    └── InputTypeError (TypeError)  the argument has the wrong type (a string, not a list)
      ├── CorpusError (ValueError)       a corpus file cannot be read as documents
+     ├── DatasetError (ValueError)      a benchmark path is missing or has the wrong shape; names the layout (exit 2)
+     ├── SynthesisError (ValueError)    a data-synthesis input (pairs, images, LLM endpoint, stage file) is unusable
+ ├── TrainingDataError (ValueError) a training dataset file has the wrong shape (file, row, column)
      ├── IndexStoreError (ValueError)   an index directory is unusable
      │    ├── IndexMissing              it or its manifest does not exist
      │    ├── IndexCorrupt              a file is missing or fails its checksum
@@ -33,6 +36,8 @@ Each class also keeps the builtin base it had before the tree existed (``ConfigE
      │    ├── HubUnreachable            a hub id cannot be fetched (offline or no network) nor found in the cache
      │    └── ConstraintError           constrained decoding cannot run (grammar rejected, slow tokenizer, …)
      ├── RolloutDriftError (AssertionError)  token ids drifted between turns: always a bug in MedRwR
+     ├── EvalRunError                  an evaluation run cannot go on (changed config, no model for a mode)
+     │    └── ResultsCorrupt (ValueError)  a line of results.jsonl cannot be read (file, line, what to do)
      └── CLIError                       a user-facing command failure (``exit_code`` set per case)
 
 HTTP-level errors of the services (``APIError``) are answers, not exceptions that leave a server, and
@@ -89,6 +94,22 @@ class InputTypeError(InputError, TypeError):
 
 class CorpusError(MedRwRError, ValueError):
     """A corpus file cannot be read as documents; the message names the file, the line and the fix."""
+
+
+class TrainingDataError(MedRwRError, ValueError):
+    """A training dataset (MedQA, MedMCQA, MCQ JSONL/parquet) has the wrong shape; names file, row and column."""
+
+
+class DatasetError(MedRwRError, ValueError):
+    """A benchmark's local files are missing or have the wrong shape; the message names the expected layout and
+    where to get the data (raised by ``medrwr.eval.datasets.load`` before any item is read)."""
+
+    exit_code = 2
+
+
+class SynthesisError(MedRwRError, ValueError):
+    """``medrwr data synth`` / ``medrwr kb from-explanations`` cannot go on: a pairs file, image folder, LLM
+    endpoint or stage file is unusable; the message names it and what to do."""
 
 
 class IndexStoreError(MedRwRError, ValueError):
@@ -183,6 +204,16 @@ class RolloutDriftError(MedRwRError, AssertionError):
     """The ids fed to a turn do not extend the previous turn's ids exactly. Always a bug in our code."""
 
 
+class EvalRunError(MedRwRError):
+    """An evaluation run cannot start or resume (``medrwr eval run``): the run directory was made with another
+    configuration, or a mode needs what the policy lacks; the message says what to change."""
+
+
+class ResultsCorrupt(EvalRunError, ValueError):
+    """A line of ``RUN_DIR/results.jsonl`` cannot be read and is not the torn last write of an interrupted run;
+    the message names the file and line."""
+
+
 class CLIError(MedRwRError):
     """A user-facing command failure: printed without a traceback, exit code ``code`` (default 1)."""
 
@@ -199,7 +230,9 @@ __all__ = [
     "ConfigError",
     "ConstraintError",
     "CorpusError",
+    "DatasetError",
     "EncoderError",
+    "EvalRunError",
     "HubUnreachable",
     "ImageIndexError",
     "ImageLoadError",
@@ -215,9 +248,11 @@ __all__ = [
     "PortInUse",
     "RetrievalError",
     "RetrievalRequestError",
+    "ResultsCorrupt",
     "RetrievalTimeout",
     "RetrievalUnavailable",
     "RolloutDriftError",
+    "TrainingDataError",
     "ServiceError",
     "VocabularyError",
 ]

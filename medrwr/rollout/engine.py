@@ -1,5 +1,7 @@
 """The reason-query-retrieve loop, token-in/token-out (docs/method.md §1, docs/architecture.md).
 
+Long module: the loop plus its optional serving hooks (events, cancellation), which must see every step.
+
 One :class:`RolloutEngine.run` call drives a batch of samples:
 
 1. render each prompt with the backend's chat template (token ids + images) into a :class:`Transcript`;
@@ -39,6 +41,10 @@ Decisions (documented in one place):
   option distribution sums each letter's single-token variants (``B``, ``b``, `` B``, ``>B``, ``(B``...) at
   that position and renormalises over the sample's options. The trace keeps that token's index
   (``answer_position``) and, when the first turn answered, its distribution (``first_pass_option_probs``).
+* Serving hooks (optional; nothing changes without them): ``run(..., on_event=fn)`` reports
+  :class:`RolloutEvent` s as the loop goes (``tokens`` per generated token when the backend has
+  ``supports_token_callback``, ``query``, ``retrieval``, ``cdir``, ``finish``); ``cancelled=fn(request_id)``
+  ends a row whose client went away (``stop_reason="error"``, ``error="cancelled: ..."``) and stops its generation.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EngineStats",
+    "RolloutEvent",
     "RolloutDriftError",
     "RolloutEngine",
     "RolloutRequest",
@@ -100,6 +107,22 @@ class EngineStats:
         d = dict(self.__dict__)
         d["overhead_s"] = self.overhead_s
         return d
+
+
+@dataclass
+class RolloutEvent:
+    """One step of a row, for streaming (``run(on_event=...)``): ``kind`` is ``tokens`` (``data["ids"]``: model
+    tokens just generated), ``query`` (``round``, ``queries``), ``retrieval`` (``record``: a RetrievalRecord),
+    ``cdir`` (``record``: the row's CDIRRecord, once CDIR is over) or ``finish`` (``trace``)."""
+
+    kind: str
+    index: int
+    request_id: str
+    data: dict[str, Any]
+
+
+EventFn = Callable[[RolloutEvent], None]
+CANCELLED = "cancelled: the client went away"
 
 
 class RolloutEngine:
@@ -149,6 +172,8 @@ class RolloutEngine:
                 f"the {type(backend).__name__} backend cannot constrain decoding; set rollout.constrain: none"
             )
         self._options: dict[int, dict[str, str]] = {}
+        self._on_event: EventFn | None = None
+        self._cancelled: Callable[[str], bool] | None = None
 
     # ------------------------------------------------------------------ preparing prompts
 
@@ -192,19 +217,43 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ public API
 
-    def run(self, requests: Sequence[RolloutRequest]) -> list[RolloutTrace]:
-        """Roll out every request; returns one trace per request, in order."""
+    def run(
+        self,
+        requests: Sequence[RolloutRequest],
+        *,
+        on_event: EventFn | None = None,
+        cancelled: Callable[[str], bool] | None = None,
+    ) -> list[RolloutTrace]:
+        """Roll out every request; returns one trace per request, in order.
+
+        ``on_event`` receives :class:`RolloutEvent` s while the loop runs; ``cancelled(request_id)`` True ends
+        that row early (both for serving; see the module docstring)."""
         t0 = self.clock()
         self._options.clear()
-        rows = [self._prepare(r, i) for i, r in enumerate(requests)]
-        self.continue_rows(rows)
-        if self.cdir.enabled and self.image_retriever is not None:
-            run_cdir(self, rows)
-        for row in rows:
-            self._finalize(row)
-        self._options.clear()
+        self._on_event, self._cancelled = on_event, cancelled
+        try:
+            rows = [self._prepare(r, i) for i, r in enumerate(requests)]
+            self.continue_rows(rows)
+            if self.cdir.enabled and self.image_retriever is not None:
+                run_cdir(self, [r for r in rows if not self._is_cancelled(r)])
+                for row in rows:
+                    if row.trace.cdir is not None and row.trace.cdir.triggered:
+                        self._emit("cdir", row, record=row.trace.cdir)
+            for row in rows:
+                self._finalize(row)
+                self._emit("finish", row, trace=row.trace)
+        finally:
+            self._on_event = self._cancelled = None
+            self._options.clear()
         self.stats.total_s += self.clock() - t0
         return [r.trace for r in rows]
+
+    def _emit(self, kind: str, row: Row, **data: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(RolloutEvent(kind, row.index, row.request_id, data))
+
+    def _is_cancelled(self, row: Row) -> bool:
+        return self._cancelled is not None and bool(self._cancelled(row.request_id))
 
     def run_messages(self, prompts: Sequence[list[dict[str, Any]]]) -> list[RolloutTrace]:
         """Roll out chat-message prompts (TRL's format: image parts carry PIL images)."""
@@ -260,7 +309,9 @@ class RolloutEngine:
     def _step(self, active: Sequence[Row]) -> None:
         runnable = []
         for row in active:
-            if self._budget(row) <= 0:
+            if self._is_cancelled(row):
+                row.finish("error", CANCELLED)
+            elif self._budget(row) <= 0:
                 row.finish("max_tokens", "total token budget spent")
             else:
                 runnable.append(row)
@@ -271,6 +322,9 @@ class RolloutEngine:
         extra: dict[str, Any] = {}
         if self.constrain:
             extra["constraints"] = [self.turn_grammar(r, b) for r, b in zip(runnable, budgets)]
+        if self._on_event is not None or self._cancelled is not None:
+            if getattr(self.backend, "supports_token_callback", False):
+                extra["on_token"] = self._token_callback(runnable)
         t0 = self.clock()
         conts = self.backend.generate(
             states, protocol.STOP_STRINGS, budgets, watch_token_ids=self._watch_ids, **extra
@@ -284,10 +338,29 @@ class RolloutEngine:
             if len(cont.token_ids) > budget:
                 raise BackendError(f"the backend generated {len(cont.token_ids)} tokens for a budget of {budget}")
             queries = self._absorb_turn(row, cont)
+            if self._is_cancelled(row):
+                row.finish("error", CANCELLED)
+                continue
+            if not self._supports_tokens() and cont.token_ids:
+                self._emit("tokens", row, ids=list(cont.token_ids))
             if queries:
+                self._emit("query", row, round=row.trace.rounds + 1, queries=list(queries))
                 pending.append((row, queries))
         if pending:
             self._retrieve(pending)
+
+    def _supports_tokens(self) -> bool:
+        return bool(getattr(self.backend, "supports_token_callback", False))
+
+    def _token_callback(self, runnable: Sequence[Row]) -> Callable[[int, int], bool]:
+        """``on_token(batch_index, token_id) -> stop?`` for the backend: stream the token, stop cancelled rows."""
+
+        def on_token(b: int, token_id: int) -> bool:
+            row = runnable[b]
+            self._emit("tokens", row, ids=[int(token_id)])
+            return self._is_cancelled(row)
+
+        return on_token
 
     def turn_grammar(self, row: Row, budget: int):
         """The grammar of ``row``'s next turn under ``constrain="protocol"``: query allowed while retrievals
@@ -416,6 +489,7 @@ class RolloutEngine:
                 record.inserted_tokens.append(len(ids))
                 record.truncated = record.truncated or truncated
             row.trace.retrievals.append(record)
+            self._emit("retrieval", row, record=record)
 
     def format_failure(self, reason: str) -> tuple[str, list[int], bool]:
         """The retrieve block saying why retrieval failed: (text, ids, truncated=False)."""

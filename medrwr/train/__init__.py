@@ -1,1 +1,6 @@
-"""medrwr.train layer (planned; see docs/architecture.md)."""
+"""Training: SFT cold start and two-stage GRPO on TRL with our rollout engine (docs/training.md).
+
+Modules: ``data`` (MedQA / MedMCQA / MCQ loaders), ``grpo`` (``rollout_func``, rewards, ``GRPOConfig``), ``sft``
+(protocol transcripts, masks), ``logprob_head`` (plain log-softmax head), ``run`` (``run_training``: config to run
+directory), ``metrics`` (``metrics.jsonl`` and its PNG report). Nothing heavy is imported here.
+"""

@@ -27,55 +27,84 @@ def all_docs():
     return list(kb.iter_default_kb_documents())
 
 
-def test_every_source_contributes_concept_passages(all_docs):
-    counts = Counter(d.source for d in all_docs)
-    assert set(counts) == set(kb.SOURCES)
+@pytest.fixture(scope="module")
+def by_source_id(all_docs):
+    """Source concept id -> the merged passage that carries it."""
+    return {cid: d for d in all_docs for cid in d.metadata["source_ids"]}
+
+
+def test_every_source_concept_is_reachable_in_one_concept_passage(all_docs, by_source_id):
+    from medrwr.vocab.sources import concepts
+
+    counts = Counter(s for d in all_docs for s in d.metadata["sources"])
+    assert set(kb.SOURCES) <= set(counts) and counts["HPO-diseases"] > 10_000  # HPO disease annotations
     assert counts["HPO"] > 15_000 and counts["ICD-10-CM"] > 10_000
     assert counts["MeSH"] > 5_000 and counts["drug-NER"] > 15_000
     ids = [d.doc_id for d in all_docs]
     assert len(ids) == len(set(ids))
     assert all(d.title and d.text for d in all_docs)
-    # passages stay short enough for BM25 length normalisation and the encoders' windows
-    assert max(len(d.text.split()) for d in all_docs) < 400
+    for source in kb.SOURCES:  # every source concept lands in exactly one passage
+        wanted = {c.id for c in concepts(source) if not c.stub}
+        assert wanted <= by_source_id.keys(), source
+    assert sum(len(d.metadata["source_ids"]) > 1 for d in all_docs) > 3_000  # merged groups
+    # the searched part stays short enough for BM25 length normalisation and the encoders' windows
+    assert max(len(d.text[: d.metadata.get("search_chars")].split()) for d in all_docs) < 400
 
 
 def test_hpo_passage_has_definition_and_synonyms_and_skips_obsolete(all_docs):
     by_id = {d.doc_id: d for d in all_docs}
     cm = by_id["HP:0001640"]
-    assert cm.title == "Cardiomegaly" and cm.source == "HPO"
+    assert cm.title == "Cardiomegaly" and cm.source.startswith("HPO")
     assert "Enlarged heart" in cm.text and "cardiothoracic ratio" in cm.text
     assert "Abnormal heart morphology" in cm.text  # parent term
     assert "HP:0000057" not in by_id  # obsolete in hp.obo
 
 
-def test_icd_passages_aggregate_subcodes_at_4_characters(all_docs):
-    by_id = {d.doc_id: d for d in all_docs if d.source == "ICD-10-CM"}
-    i517 = by_id["ICD10CM:I51.7"]
-    assert i517.title == "Cardiomegaly" and "Cardiac dilatation" in i517.text
-    e11 = by_id["ICD10CM:E11"]
+def test_goiter_is_one_passage_merging_hpo_and_mesh(by_source_id):
+    d = by_source_id["MESH:D006042"]
+    assert d is by_source_id["HP:0000853"] and d.doc_id == "HP:0000853"
+    assert "Enlarged thyroid gland in neck" in d.text and "An enlargement of the thyroid gland" in d.text
+    assert "MeSH D006042" in d.text and "Thyroid Diseases" in d.text
+    brady = by_source_id["HP:0001662"]
+    assert brady is by_source_id["ICD10CM:R00.1"] and "Sinus bradycardia" in brady.text
+
+
+def test_icd_passages_aggregate_subcodes_at_4_characters(all_docs, by_source_id):
+    i517 = by_source_id["ICD10CM:I51.7"]
+    assert "Cardiomegaly" in i517.title and "Cardiac dilatation" in i517.text
+    e11 = by_source_id["ICD10CM:E11"]
     assert "diabetes NOS" in e11.text and "ketoacidosis" in e11.text  # inclusion term + child title
-    assert all(len(i.split(":", 1)[1]) <= 5 for i in by_id)  # no 5-7 character codes
+    icd = [cid for cid in by_source_id if cid.startswith("ICD10CM:")]
+    assert all(len(i.split(":", 1)[1]) <= 5 for i in icd)  # no 5-7 character codes
     # a billable 6-character code's title is searchable through its 4-character passage
-    assert "right femur" in by_id["ICD10CM:S72.0"].text.lower()
+    assert "right femur" in by_source_id["ICD10CM:S72.0"].text.lower()
 
 
-def test_mesh_and_drug_passages_carry_name_variants(all_docs):
-    by_title = {}
-    for d in all_docs:
-        by_title.setdefault((d.source, d.title.lower()), d)
-    mesh = by_title[("MeSH", "cardiomegaly")]
-    assert mesh.doc_id.startswith("MESH:D") and "enlarged" in mesh.text.lower()
-    drug = by_title[("drug-NER", "abacavir")]
-    assert drug.doc_id == "DRUG:DB01048" and "ziagen" in drug.text.lower()
+def test_mesh_and_drug_passages_carry_name_variants(by_source_id):
+    from medrwr.vocab.sources import concepts
+
+    mesh_id = next(c.id for c in concepts("MeSH") if c.name.lower() == "cardiomegaly")
+    assert "enlarged" in by_source_id[mesh_id].text.lower()
+    drug = by_source_id["DRUG:DB01048"]
+    assert drug.title.lower() == "abacavir" and "ziagen" in drug.text.lower()
 
 
-def test_no_passage_carries_wiki_markup(all_docs):
+def test_disease_annotations_give_presentations_and_the_phenotype_side(by_source_id):
+    marfan = by_source_id["OMIM:154700"]
+    assert marfan is by_source_id["ORPHA:558"]  # OMIM and Orphanet name it alike
+    assert "Presents with:" in marfan.text and "Arachnodactyly" in marfan.text
+    ph = by_source_id["HP:0001166"]  # arachnodactyly: a frequent feature of Marfan syndrome
+    cut = ph.metadata["search_chars"]
+    assert "A frequent feature of:" in ph.text[cut:] and "A frequent feature of" not in ph.text[:cut]
+
+
+def test_no_passage_carries_wiki_markup(all_docs, by_source_id):
     """Drug names compiled from Wikipedia infoboxes came with templates, <ref> tags and citation fields."""
     bad = ("{{", "}}", "&lt;ref", "<ref", "</ref", "vauthors", "&quot;", "&amp;", "\u00e2\u0080")  # last: mojibake
     hits = [(d.doc_id, m) for d in all_docs for m in bad if m in d.title or m in d.text]
     assert hits == []
     assert not [d.doc_id for d in all_docs if d.title.startswith("Template:")]
-    by_id = {d.doc_id: d for d in all_docs}
+    by_id = by_source_id
     assert "servambutol" in by_id["DRUG:DB00330"].text and "tarascon" not in by_id["DRUG:DB00330"].text
     assert "avigan" in by_id["DRUG:DB12466"].text and "nihongo" not in by_id["DRUG:DB12466"].text
     assert "3''-o-demethylerythromycin" in by_id["DRUG:DB00199"].text  # a double prime is chemistry, not italics
@@ -117,8 +146,10 @@ def test_full_default_kb_build_manifest_and_attribution(default_index):
     assert "public domain" in m["attribution"]["ICD-10-CM"]["licence"].lower()
     assert "National Library of Medicine" in m["attribution"]["MeSH"]["credit"]
     assert "CC BY-NC-ND" in m["excluded"]
-    assert set(m["corpus"]["sources"]) == set(kb.SOURCES)
+    assert set(kb.SOURCES) <= {s for label in m["corpus"]["sources"] for s in label.split("+")}
     assert m["encoder"]["spec"] == "static-minilm"
+    assert m["build_config"]["rrf_k"] == kb.FUSION["rrf_k"] and m["fusion"]["name_weight"] == kb.FUSION["name_weight"]
+    assert m["names"]["distinct"] > 100_000
     # a second call finds the finished index and does not rebuild it
     stamp = m["created_at"], os.stat(default_index).st_ino
     again = kb.ensure_default_index(progress=False)
@@ -136,6 +167,17 @@ def test_cli_retrieve_finds_cardiomegaly_for_enlarged_heart(default_index, capsy
     assert out["index"] == str(default_index)
     assert len(hits) == 3
     assert any(h["title"] == "Cardiomegaly" for h in hits)
+    assert len({h["doc_id"] for h in hits}) == 3
+
+
+@pytest.mark.slow
+def test_exact_names_and_lay_names_find_their_concept_first(default_index):
+    from medrwr.retrieval.index.hybrid import HybridRetriever
+
+    r = HybridRetriever.load(default_index)
+    hits = r.search(["bradycardia", "goiter", "enlarged thyroid gland", "hemoptysis"], k=3)
+    assert [h[0].doc_id for h in hits] == ["HP:0001662", "HP:0000853", "HP:0000853", "HP:0002105"]
+    assert all(len({x.title for x in h}) == 3 for h in hits)  # one concept, one hit
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_goiter_has_the_same_id_in_the_kb_and_the_reward_lexicon():
     from medrwr.kb.default import iter_default_kb_documents
     from medrwr.rewards.entities_lexicon import _packaged_terms
 
-    docs = {(d.source, d.title): d.doc_id for d in iter_default_kb_documents(["HPO", "MeSH"])}
+    docs = {(d.source, d.title): d.doc_id for d in iter_default_kb_documents(["HPO", "MeSH"], merge=False)}
     terms, names, _ = _packaged_terms()
     mesh = next(c for c in concepts("MeSH") if c.name == "Goiter")
     hpo = next(c for c in concepts("HPO") if c.name == "Goiter")
@@ -109,7 +109,7 @@ def test_drug_stubs_are_named_by_the_package_but_have_no_kb_passage():
     assert "ziagen" in abacavir.synonym_texts
     from medrwr.kb.default import iter_default_kb_documents
 
-    assert sum(1 for _ in iter_default_kb_documents(["drug-NER"])) == len(drugs) - len(stubs)
+    assert sum(1 for _ in iter_default_kb_documents(["drug-NER"], merge=False)) == len(drugs) - len(stubs)
 
 
 def test_data_files_are_package_data():

@@ -1,9 +1,17 @@
-"""Hybrid retrieval: BM25 + dense fused by reciprocal rank; the text Retriever, whether sharded or not.
+"""Hybrid retrieval: BM25 + dense (+ exact names) fused by weighted reciprocal rank; the text Retriever.
+
+Long module: the router, its builder and the fusion share the index layout and the name table, and
+splitting them would scatter one search path over several files.
 
 :func:`build_index` streams documents once into an index directory (see :mod:`medrwr.retrieval.index.store`)
 and builds BM25 and, unless ``dense=False``, memory-mapped embeddings and a FAISS index, all inside
 an atomic temp directory. :class:`HybridRetriever` routes batches over the index's shards (an
 ordinary index is one shard): one bm25s call and one encoder + FAISS call per batch and shard.
+Documents whose ``metadata["names"]`` list their names (the default KB's concept names and synonyms)
+also get a name table: exact names (``names.npz``) and BM25 over the names alone (``bm25_names/``, where
+a short name is not drowned by a long passage). In hybrid mode they add two rankings, weighted by
+``retrieval.name_weight`` (exact matches) and ``retrieval.name_bm25_weight``, so typing a concept's name,
+or most of one of its lay names, finds that concept. The name table serves unsharded local indexes.
 
 >>> rrf_fuse([["a", "b"], ["b", "c"]], k=60)[0][0]
 'b'
@@ -11,9 +19,12 @@ ordinary index is one shard): one bm25s call and one encoder + FAISS call per ba
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Hashable, Iterable, Sequence
@@ -83,9 +94,41 @@ def rrf_fuse(
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 
+NAMES_FILE = "names.npz"
+NAMES_BM25_DIR = "bm25_names"
+_MAX_ROWS_PER_NAME = 20
+
+
+def name_norm(name: str) -> str:
+    """The form the exact-name table keys on: case, punctuation and word order do not matter.
+
+    >>> name_norm("Arthritis, Rheumatoid") == name_norm("rheumatoid arthritis")
+    True
+    """
+    return " ".join(sorted(re.findall(r"[0-9a-z]+", name.casefold())))
+
+
+def _name_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _write_names(path: Path, names: dict[str, list[int]]) -> None:
+    pairs = sorted((_name_hash(k), r) for k, rows in names.items() for r in rows[:_MAX_ROWS_PER_NAME])
+    np.savez(path, keys=np.asarray([h for h, _ in pairs], dtype=np.int64),
+             rows=np.asarray([r for _, r in pairs], dtype=np.int64))
+
+
 def _index_text(d: dict[str, Any]) -> str:
-    """The text BM25 and the encoder see for a stored document: title, newline, text."""
+    """The text BM25 and the encoder see for a stored document: title, newline, text.
+
+    A document whose ``metadata["search_chars"]`` is n is searched by its first n characters only: the
+    rest is for the reader (the default KB's "a frequent feature of ..." lists, which would otherwise
+    pull a phenotype's passage towards every disease it names).
+    """
     title, text = d.get("title") or "", d.get("text") or ""
+    cut = (d.get("metadata") or {}).get("search_chars")
+    if isinstance(cut, int) and cut >= 0:
+        text = text[:cut]
     return f"{title}\n{text}" if title else text
 
 
@@ -140,6 +183,15 @@ class HybridRetriever(Retriever):
         self._local = shards.shards if isinstance(shards, LocalShards) else None
         self._encoder = encoder
         self._lock = threading.Lock()
+        self._names: tuple[np.ndarray, np.ndarray] | None = None
+        self._names_bm25: Any = None
+        if path is not None and (Path(path) / NAMES_FILE).is_file():
+            from medrwr.retrieval.index.bm25 import BM25Index
+
+            with np.load(Path(path) / NAMES_FILE) as z:  # a few MB of int64: milliseconds
+                self._names = (z["keys"], z["rows"])
+            if (Path(path) / NAMES_BM25_DIR).is_dir():
+                self._names_bm25 = BM25Index.load(Path(path) / NAMES_BM25_DIR, n_threads=self.config.n_threads)
 
     # ------------------------------------------------------------------ opening
 
@@ -265,6 +317,56 @@ class HybridRetriever(Retriever):
         mode = check_mode(mode, self.modes, self.default_mode, self._where())
         if not queries:
             return []
+        ranked, _ = self._rank(queries, int(k), mode)
+        return self._hits(ranked, int(k))
+
+    def name_matches(self, query: str) -> list[int]:
+        """Rows of the documents that list ``query`` among their names (empty without a name table)."""
+        if self._names is None:
+            return []
+        keys, rows = self._names
+        h = _name_hash(name_norm(query))
+        lo, hi = np.searchsorted(keys, h, side="left"), np.searchsorted(keys, h, side="right")
+        return rows[lo:hi].tolist()
+
+    def _name_bm25(self, queries: Sequence[str], depth: int) -> list[list[int]]:
+        """Per query: the rows ranked by BM25 over their names alone (empty without a name table)."""
+        if self._names_bm25 is None:
+            return [[] for _ in queries]
+        ids, scores = self._names_bm25.search(list(queries), min(depth, self._names_bm25.n_docs))
+        return [ids[i][scores[i] > 0].tolist() for i in range(len(queries))]
+
+    def explain(self, queries: Sequence[str], k: int = 3, mode: str | None = None) -> list[list[dict[str, Any]]]:
+        """Per query, per hit (as :meth:`search` returns them): its BM25 / dense rank and score, whether
+        it matched a name exactly, and the fused score; ``None`` where a part did not rank the hit."""
+        queries = check_search_args(queries, k)
+        mode = check_mode(mode, self.modes, self.default_mode, self._where())
+        if not queries:
+            return []
+        ranked, parts = self._rank(queries, int(k), mode)
+        rows_out: list[list[int]] = [[] for _ in queries]
+        hits = self._hits(ranked, int(k), rows_out)
+        out = []
+        for q, (qhits, rows) in enumerate(zip(hits, rows_out)):
+            pos = {m: {r: (i + 1, s) for i, (r, s) in reversed(list(enumerate(zip(*parts[m][q]))))}
+                   for m in ("bm25", "dense") if m in parts}
+            names = set(parts["names"][q]) if "names" in parts else set()
+            name_rank = {r: i + 1 for i, r in reversed(list(enumerate(parts.get("name_bm25", [[]] * len(queries))[q])))}
+            rows_info = []
+            for h, row in zip(qhits, rows):
+                info: dict[str, Any] = {"doc_id": h.doc_id, "title": h.title, "source": h.source, "mode": mode,
+                                        "fused_score": h.score if mode == "hybrid" else None}
+                for m in ("bm25", "dense"):
+                    rank_score = pos.get(m, {}).get(row)
+                    info[m] = None if rank_score is None else {"rank": rank_score[0], "score": float(rank_score[1])}
+                info["name_match"] = row in names
+                info["name_bm25_rank"] = name_rank.get(row)
+                rows_info.append(info)
+            out.append(rows_info)
+        return out
+
+    def _rank(self, queries: Sequence[str], k: int, mode: str) -> tuple[list[list[tuple[int, float]]], dict[str, Any]]:
+        """(ranked rows with scores per query, the parts: per-mode (rows, scores) and name-matched rows)."""
         cfg = self.config
         depth = min(self.doc_count, max(int(cfg.fusion_depth), int(k)))
         need = ("bm25", "dense") if mode == "hybrid" else (mode,)
@@ -280,13 +382,17 @@ class HybridRetriever(Retriever):
             merged = parts[0]
         else:
             merged = {m: merge_rankings([p[m] for p in parts], depth, _LATER_FIRST[m]) for m in need}
+        parts: dict[str, Any] = dict(merged)
         if mode == "hybrid":
-            weights = [cfg.bm25_weight, cfg.dense_weight]
-            ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0]], weights, cfg.rrf_k)
+            names = [self.name_matches(q) for q in queries] if cfg.name_weight > 0 else [[] for _ in queries]
+            by_names = self._name_bm25(queries, depth) if cfg.name_bm25_weight > 0 else [[] for _ in queries]
+            parts["names"], parts["name_bm25"] = names, by_names
+            weights = [cfg.bm25_weight, cfg.dense_weight, cfg.name_weight, cfg.name_bm25_weight]
+            ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0], names[i], by_names[i]], weights, cfg.rrf_k)
                       for i in range(len(queries))]
         else:
             ranked = [list(zip(rows, scores)) for rows, scores in merged[mode]]
-        return self._hits(ranked, int(k))
+        return ranked, parts
 
     def _fetch(self, rows: Sequence[int]) -> dict[int, dict[str, Any]]:
         if len(self.infos) == 1:
@@ -301,7 +407,8 @@ class HybridRetriever(Retriever):
             out.update(zip(by_shard[s], call.result()))
         return out
 
-    def _hits(self, ranked: list[list[tuple[int, float]]], k: int) -> list[list[Hit]]:
+    def _hits(self, ranked: list[list[tuple[int, float]]], k: int,
+              rows_out: list[list[int]] | None = None) -> list[list[Hit]]:
         """Documents for the ranked rows, de-duplicated by doc_id and by identical text.
 
         Documents are fetched in rounds (k candidates per query from one local index, 2k from
@@ -330,6 +437,8 @@ class HybridRetriever(Retriever):
                     seen_text[q].add(key)
                     results[q].append(Hit(doc_id=doc_id, text=text, title=d.get("title") or "", score=float(score),
                                           source=d.get("source") or ""))
+                    if rows_out is not None:
+                        rows_out[q].append(int(row))
                     if len(results[q]) == k:
                         break
             window *= 2
@@ -375,13 +484,28 @@ def build_index(
     out = Path(out_dir).expanduser().absolute()
     with atomic_index_dir(out) as tmp:
         writer = DocStoreWriter(tmp)
+        names: dict[str, list[int]] = {}
+        name_texts: list[str] = []  # per row: its names (or its title), for the name BM25
         try:
             for doc in tqdm(documents, desc="read documents", unit="doc", disable=not show_progress):
                 if not isinstance(doc, Document):
                     raise TypeError(f"build_index needs Document objects, got {type(doc).__name__}")
+                if doc.metadata and "names" in doc.metadata:  # to the name table, not stored per document
+                    row = len(writer)
+                    for nm in doc.metadata["names"]:
+                        rows = names.setdefault(name_norm(str(nm)), [])
+                        if not rows or rows[-1] != row:
+                            rows.append(row)
+                    name_texts.append("; ".join(str(x) for x in doc.metadata["names"]))
+                    doc = dataclasses.replace(doc, metadata={k: v for k, v in doc.metadata.items() if k != "names"})
+                else:
+                    name_texts.append(doc.title)
                 writer.add(doc)
         finally:
             writer.close()
+        names.pop("", None)
+        if names:
+            _write_names(tmp / NAMES_FILE, names)
         n = len(writer)
         if n == 0:
             raise ValueError("the corpus has no documents; nothing to index")
@@ -404,6 +528,12 @@ def build_index(
                 ),
             )
             bm25.save(tmp / BM25_DIR)
+            if names:
+                names_bm25 = BM25Index(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stemmer=cfg.stemmer,
+                                       stopwords=cfg.stopwords)
+                names_bm25.index(name_texts)
+                names_bm25.save(tmp / NAMES_BM25_DIR)
+            del name_texts
             enc_info = dense_info = None
             if use_dense:
                 enc_info, dense_info = _build_dense(store, tmp, cfg, encoder, show_progress)
@@ -425,6 +555,7 @@ def build_index(
             "dense": dense_info,
             "build_config": cfg.settings(),
             "build_seconds": round(time.perf_counter() - t0, 2),
+            "names": {"file": NAMES_FILE, "distinct": len(names)} if names else None,
         }
         manifest.update(extra)
         write_manifest(tmp, manifest, known_sha256={DOCS_FILE: writer.corpus_sha256})
@@ -481,4 +612,4 @@ def _build_dense(
     return enc_info, dense_info
 
 
-__all__ = ["HybridRetriever", "build_index", "rrf_fuse"]
+__all__ = ["NAMES_FILE", "HybridRetriever", "build_index", "name_norm", "rrf_fuse"]

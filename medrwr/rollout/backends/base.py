@@ -25,6 +25,10 @@ tokens that keep that row's turn inside its grammar (None leaves the row free). 
 which log-probabilities they then report: ``"raw"`` (the model's own, unconstrained: transformers) or
 ``"masked"`` (after the grammar mask: vLLM). The engine passes ``constraints`` only when constraining, so a
 backend without the keyword keeps working unconstrained.
+
+Streaming (serving): backends with ``supports_token_callback = True`` take ``on_token=fn``; ``fn(row, token_id)``
+is called after each sampled token of an unfinished row, and returning True stops that row (finish reason
+``length``). The engine passes it only when a caller asked for events or cancellation.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@
   right after the recorder masks each constrained row to the tokens its turn grammar allows (one llguidance
   matcher per row, fresh every call). The recorder still sees the raw logits, so the recorded log-probabilities
   stay the model's own (``constrained_logprobs = "raw"``). Without constraints nothing changes.
+* **KV-cache reuse** (``kv_cache=``, :mod:`.kv_cache`): rows continue from their previous turn's keys/values.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from medrwr.rollout.backends.base import (
     find_stop,
     per_row_budgets,
 )
+from medrwr.rollout.backends.kv_cache import resolve_kv_cache
 from medrwr.rollout.backends.policy_cache import (
     cache_writable,
     check_hub_id,
@@ -109,7 +111,9 @@ class _Recorder:
 class _Stops:
     """Stopping criterion: per-row stop strings, end-of-sequence and budgets; remembers why each row stopped."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int, budgets: list[int], eos: set[int]):
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int, budgets: list[int], eos: set[int],
+                 on_token: Any = None):
+        self.on_token = on_token  # on_token(row, token_id) -> True stops the row (serving: client gone)
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.prompt_len = prompt_len
@@ -126,7 +130,9 @@ class _Stops:
         for b in range(input_ids.shape[0]):
             if self.length[b] is None and n > 0:
                 last = int(input_ids[b, -1])
-                if last in self.eos:
+                if self.on_token is not None and self.on_token(b, last):
+                    self.length[b], self.reason[b] = n, "length"
+                elif last in self.eos:
                     self.length[b], self.reason[b] = n, "eos"
                 else:
                     if self.stop:
@@ -150,6 +156,8 @@ class HFBackend:
 
     supports_constraints = True
     constrained_logprobs = "raw"
+    supports_token_callback = True
+    """``generate(on_token=fn)``: ``fn(row, token_id)`` after each sampled token; returning True stops that row."""
 
     def __init__(
         self,
@@ -162,6 +170,7 @@ class HFBackend:
         seed: int | None = None,
         logits_processors: Sequence[Any] = (),
         top_logprobs: int = 0,
+        kv_cache: str = "off",
     ):
         self.model = model
         self.processor = processor
@@ -184,6 +193,7 @@ class HFBackend:
         self.image_token_id = self._token_id(getattr(processor, "image_token", None) or "<|image_pad|>")
         self.video_token_id = self._token_id(getattr(processor, "video_token", None) or "<|video_pad|>")
         self.forward_calls = 0
+        self.kv_cache = resolve_kv_cache(model, kv_cache, self.pad_token_id)  # keys/values kept across turns
 
     # ------------------------------------------------------------------ helpers
 
@@ -329,6 +339,7 @@ class HFBackend:
         watch_token_ids: Sequence[int] = (),
         top_logprobs: int = 0,
         constraints: Sequence[Any] | None = None,
+        on_token: Any = None,
     ) -> list[Continuation]:
         torch = _torch()
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -339,14 +350,17 @@ class HFBackend:
         if max(budgets) == 0:
             return [Continuation([], [], "length") for _ in states]
         batch = self._batch(states)
+        turn = None if self.kv_cache is None else self.kv_cache.prepare([s.ids for s in states], batch)
         width = batch["input_ids"].shape[1]
         device = self.device
         batch = {k: v.to(device) for k, v in batch.items()}
+        if turn is not None:
+            batch["past_key_values"] = turn.cache
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         top_n = max(top_logprobs, self.top_logprobs)
         recorder = _Recorder(watch_token_ids, top_n, width)
-        stops = _Stops(self.tokenizer, stop, width, budgets, self._eos)
+        stops = _Stops(self.tokenizer, stop, width, budgets, self._eos, on_token)
         processors = [recorder]
         if constraints is not None and any(g is not None for g in constraints):
             processors.append(self._grammar_processor(constraints, len(states), width, stops))
@@ -395,6 +409,8 @@ class HFBackend:
                     top_logprobs=tops[1][b, :n].numpy() if tops else None,
                 )
             )
+        if turn is not None:
+            self.kv_cache.keep(turn, [s.ids for s in states], [c.token_ids for c in out])
         return out
 
 

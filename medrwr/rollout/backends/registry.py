@@ -75,7 +75,7 @@ def _build_hf(model: ModelConfig, rollout: RolloutConfig) -> PolicyBackend:
     threads = apply_threads(model.threads)
     backend = load_hf_policy(
         model.name, dtype=model.dtype, device=model.device, temperature=rollout.temperature, top_p=rollout.top_p,
-        seed=rollout.seed,
+        seed=rollout.seed, kv_cache=rollout.kv_cache,
     )
     backend.threads = threads  # type: ignore[attr-defined]
     return backend

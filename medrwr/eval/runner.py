@@ -1,0 +1,434 @@
+"""``medrwr eval run``: a benchmark through the rollout engine in each mode, batched, resumable, scored.
+
+:func:`run_eval` loads the items (``medrwr.eval.datasets.load``), then for each mode (:mod:`medrwr.eval.modes`)
+sends the unfinished items through ``engine.run`` ``eval.batch_size`` at a time, scores every trace
+(``medrwr.eval.scoring.judge``) and appends the batch to ``RUN_DIR/results.jsonl``
+(:class:`~medrwr.eval.results.ResultStore`: one write + fsync per batch). A rerun with the same ``RUN_DIR``
+skips every ``(id, mode)`` already stored, so a run killed at any point resumes without redoing or duplicating
+an item. ``RUN_DIR/run.json`` records what the run is (model, decoding, seeds, index manifest hash, data file
+hashes, preset); resuming with a different identity raises :class:`~medrwr.errors.EvalRunError` unless
+``force`` (then the old files are kept beside as ``*.bak-<time>`` and the run starts over).
+
+``--mode all`` shares work: ``direct`` and ``rag`` use one no-retrieval engine, and ``rwr`` is read from the
+``rwr_cdir`` traces (``cdir.first`` is the rwr answer; :func:`medrwr.eval.modes.rwr_view`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medrwr._io import sha256_file
+from medrwr.config import Config
+from medrwr.errors import EvalRunError
+from medrwr.eval.modes import expand_modes, question_text, rwr_view, system_for, trace_for_storage
+from medrwr.eval.record import EvalRecord
+from medrwr.eval.results import RUN_JSON, ResultStore, write_json_atomic
+from medrwr.eval.text_policy import ChatPolicyEngine, api_key_from_env, is_openai_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalEngines", "Progress", "run_eval", "run_identity"]
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".pkl", ".txt", ".zip")
+_MAX_HASHED_FILES = 64
+_META_KEYS = ("modality", "question_type", "subject", "content_type", "medical_task", "body_part")
+
+
+@dataclass
+class Progress:
+    """One progress report: ``done`` of ``total`` items of ``mode`` finished in this session."""
+
+    mode: str
+    done: int
+    total: int
+    seconds: float
+    skipped: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+
+# ---------------------------------------------------------------------- identity (run.json)
+
+
+def _data_files(path: Path) -> dict[str, str]:
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if len(files) > _MAX_HASHED_FILES:
+        logger.info("hashing the first %d of %d data files", _MAX_HASHED_FILES, len(files))
+    return {str(p.relative_to(path)): sha256_file(p) for p in files[:_MAX_HASHED_FILES]}
+
+
+def _manifest_sha(path: Path | None) -> str | None:
+    return sha256_file(path / "manifest.json") if path is not None and (path / "manifest.json").is_file() else None
+
+
+def _model_identity(cfg: Config) -> dict[str, Any]:
+    name = cfg.model.name
+    ident: dict[str, Any] = {"name": name or "packaged:SmolLM2-135M-Instruct", "backend": cfg.model.backend,
+                             "dtype": cfg.model.dtype}
+    if is_openai_model(name):
+        ident.update(backend="openai-chat", base_url=cfg.eval.base_url, continuation=cfg.eval.continuation)
+        return ident
+    if name is None:
+        from medrwr.assets import smollm2_gguf_path
+
+        gguf = smollm2_gguf_path()
+        ident.update(path=str(gguf), size=gguf.stat().st_size if gguf.exists() else None)
+    elif Path(name).expanduser().exists():
+        p = Path(name).expanduser().resolve()
+        ident["path"] = str(p)
+        conf = p / "config.json"
+        ident["config_sha256"] = sha256_file(conf) if conf.is_file() else (sha256_file(p) if p.is_file() else None)
+    return ident
+
+
+def run_identity(cfg: Config, benchmark: str, data: str | Path, modes: list[str]) -> dict[str, Any]:
+    """What makes a run this run (compared on resume), plus the record of seeds and decoding settings."""
+    from medrwr.rollout.constrain import resolve_constrain
+
+    r = cfg.rollout
+    ident: dict[str, Any] = {
+        "benchmark": benchmark,
+        "split": cfg.eval.split,
+        "languages": cfg.eval.languages,
+        "data": {"path": str(Path(data).resolve()), "files": _data_files(Path(data))},
+        "model": _model_identity(cfg),
+        "decoding": {
+            "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed, "max_rounds": r.max_rounds,
+            "queries_per_turn": r.queries_per_turn, "max_new_tokens_per_turn": r.max_new_tokens_per_turn,
+            "max_total_new_tokens": r.max_total_new_tokens, "max_inserted_tokens": r.max_inserted_tokens,
+            "max_image_pixels": r.max_image_pixels, "constrain": resolve_constrain(cfg.model, r),
+        },
+        "preset": cfg.eval.preset,
+    }
+    if any(m != "direct" for m in modes):
+        rc = cfg.retrieval
+        ret: dict[str, Any] = {"k": rc.k, "mode": rc.mode if "mode" in rc.explicit_keys() else None}
+        if rc.url:
+            ret["url"] = rc.url
+        else:
+            from medrwr.retrieval.open import index_path
+
+            path = index_path(cfg)
+            ret.update(index=str(path.resolve()), manifest_sha256=_manifest_sha(path))
+        ident["retrieval"] = ret
+    if "rwr_cdir" in modes:
+        c = cfg.cdir
+        img = c.image_index
+        path = Path(img).expanduser() if img and img.strip() != "demo" else None
+        ident["cdir"] = {"threshold": c.threshold, "k": c.k, "image_index": str(path.resolve()) if path else "demo",
+                         "manifest_sha256": _manifest_sha(path)}
+    return ident
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys set in both identities with different values (a key only one side has is not a change)."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
+
+def _prepare_run_dir(run_dir: Path, ident: dict[str, Any], force: bool) -> dict[str, Any]:
+    """Check (or start over) the run directory; return the previous run.json (empty when new)."""
+    run_json = run_dir / RUN_JSON
+    prev: dict[str, Any] = {}
+    if run_json.is_file():
+        try:
+            prev = json.loads(run_json.read_text(encoding="utf-8"))
+        except ValueError:
+            raise EvalRunError(f"{run_json} is not valid JSON; use a new --out or --force to start over") from None
+    if force and (prev or (run_dir / "results.jsonl").exists()):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in ("results.jsonl", RUN_JSON):
+            p = run_dir / name
+            if p.exists():
+                p.rename(p.with_name(f"{name}.bak-{stamp}"))
+        logger.warning("--force: starting %s over (previous files kept as *.bak-%s)", run_dir, stamp)
+        return {}
+    if prev:
+        diff = _differences(prev.get("identity", {}), ident)
+        if diff:
+            raise EvalRunError(
+                f"{run_dir} holds a run with a different configuration ({'; '.join(diff[:4])}"
+                f"{'; …' if len(diff) > 4 else ''}); use a new --out, or --force to start it over"
+            )
+    return prev
+
+
+# ---------------------------------------------------------------------- engines
+
+
+class EvalEngines:
+    """One policy backend and retriever shared by every mode's engine, built on first use (pass ``backend`` to
+    reuse a loaded policy across runs)."""
+
+    def __init__(self, cfg: Config, modes: list[str], backend: Any = None):
+        self.cfg = cfg
+        self.modes = modes
+        self._backend: Any = backend
+        self._retriever: Any = None
+        self._engines: dict[str, Any] = {}
+        self.openai = is_openai_model(cfg.model.name)
+
+    def retriever(self) -> Any:
+        if self._retriever is None:
+            from medrwr.retrieval.open import open_retriever
+
+            self._retriever = open_retriever(self.cfg)
+        return self._retriever
+
+    def search_mode(self) -> str | None:
+        rc = self.cfg.retrieval
+        mode = rc.mode if "mode" in rc.explicit_keys() else None
+        return mode if mode in self.retriever().modes else None
+
+    def get(self, mode: str) -> Any:
+        key = "none" if mode in ("direct", "rag") else mode
+        if key in self._engines:
+            return self._engines[key]
+        cfg = copy.deepcopy(self.cfg)
+        if key == "none":
+            cfg.rollout = dataclasses.replace(cfg.rollout, max_rounds=0)
+        cfg.cdir.enabled = key == "rwr_cdir"
+        if self.openai:
+            e = cfg.eval
+            engine: Any = ChatPolicyEngine(
+                cfg.model.name or "", e.base_url or "", None if key == "none" else self.retriever(), cfg.rollout,
+                k=cfg.retrieval.k, search_mode=None if key == "none" else self.search_mode(),
+                api_key=api_key_from_env(e.api_key_env), continuation=e.continuation, concurrency=e.concurrency,
+                timeout_s=e.request_timeout_s,
+            )
+        else:
+            from medrwr.rollout.constrain import resolve_constrain
+            from medrwr.rollout.engine import RolloutEngine, engine_from_config
+
+            if self._backend is None:
+                from medrwr.rollout.backends import build_backend
+
+                self._backend = build_backend(cfg.model, cfg.rollout)
+            if key == "none":
+                engine = RolloutEngine(self._backend, None, cfg.rollout, k=cfg.retrieval.k,
+                                       constrain=resolve_constrain(cfg.model, cfg.rollout))
+            else:
+                image_retriever = None
+                if key == "rwr_cdir":
+                    from medrwr.retrieval.open import open_image_retriever
+
+                    image_retriever = open_image_retriever(cfg)
+                engine = engine_from_config(cfg, backend=self._backend, retriever=self.retriever(),
+                                            image_retriever=image_retriever)
+        self._engines[key] = engine
+        return engine
+
+    def close(self) -> None:
+        for e in self._engines.values():
+            if hasattr(e, "close"):
+                e.close()
+        if self._retriever is not None:
+            self._retriever.close()
+
+
+# ---------------------------------------------------------------------- one batch
+
+
+def _row(record: EvalRecord, mode: str, trace: dict[str, Any], verdict: Any, **extra: Any) -> dict[str, Any]:
+    meta = {k: v for k, v in (record.meta or {}).items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return {
+        "id": record.id, "mode": mode, "benchmark": record.benchmark, "split": record.split,
+        "answer_type": record.answer_type, "is_yes_no": record.is_yes_no, "lang": record.lang,
+        "question": record.question, "options": record.options, "gold": record.answer, "meta": meta,
+        "trace": trace, "verdict": verdict.to_dict(), **extra,
+    }
+
+
+def _rag_documents(engines: EvalEngines, records: list[EvalRecord]) -> list[dict[str, Any]]:
+    """One batched search with the questions; never raises (a failure is recorded, the item gets no documents)."""
+    from medrwr.rollout.retrieval_step import search_batch
+
+    k = engines.cfg.retrieval.k
+    results, error, seconds = search_batch(engines.retriever(), [r.question for r in records], k,
+                                           engines.search_mode(), engines.cfg.rollout.retrieval_timeout_s,
+                                           time.perf_counter)
+    out = []
+    for i, r in enumerate(records):
+        hits = results[i] if results is not None else []
+        out.append({"query": r.question, "hits": [h.to_dict() for h in hits], "error": error, "seconds": seconds})
+    return out
+
+
+def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_rwr: bool) -> list[dict[str, Any]]:
+    from medrwr.eval.scoring import judge
+    from medrwr.rollout.request import RolloutRequest
+
+    cfg = engines.cfg
+    rag = _rag_documents(engines, records) if mode == "rag" else None
+    requests = []
+    for i, r in enumerate(records):
+        docs = [h["text"] for h in rag[i]["hits"]] if rag is not None else None
+        requests.append(RolloutRequest(question=question_text(r, docs), options=r.options, images=list(r.images),
+                                       request_id=r.id, system=system_for(mode, r), metadata={"mode": mode}))
+    t0 = time.perf_counter()
+    traces = engines.get(mode).run(requests)
+    per_item = (time.perf_counter() - t0) / max(1, len(records))
+    rows = []
+    for i, (r, tr) in enumerate(zip(records, traces)):
+        d = trace_for_storage(tr.to_dict(), cfg.eval.keep_tokens)
+        verdict = judge(r, d.get("completion_text") or "", preset=cfg.eval.preset)
+        extra: dict[str, Any] = {"seconds": per_item, "batch_size": len(records)}
+        if rag is not None:
+            extra["rag"] = rag[i]
+        if mode == "rwr_cdir":
+            view = rwr_view(d)
+            first = judge(r, view.get("completion_text") or "", preset=cfg.eval.preset)
+            extra["rwr_verdict"] = first.to_dict()
+            rows.append(_row(r, mode, d, verdict, **extra))
+            if want_rwr:
+                rows.append(_row(r, "rwr", view, first, derived_from="rwr_cdir", **extra))
+        else:
+            rows.append(_row(r, mode, d, verdict, **extra))
+    return rows
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def _load_records(cfg: Config, benchmark: str, data: str | Path) -> list[EvalRecord]:
+    from medrwr.eval import datasets
+
+    records = datasets.load(benchmark, str(data), split=cfg.eval.split, languages=cfg.eval.languages)
+    if cfg.eval.limit:
+        records = records[: cfg.eval.limit]
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise EvalRunError(f"item id {r.id!r} appears twice in {data}; results are keyed by id, so ids must "
+                               "be unique")
+        seen.add(r.id)
+    return records
+
+
+def check_modes(cfg: Config, modes: list[str], explicit: bool) -> list[str]:
+    """The modes this policy can run; raises when the user asked for one it cannot (before any model loads)."""
+    if is_openai_model(cfg.model.name):
+        if not cfg.eval.base_url:
+            raise EvalRunError(f"--model {cfg.model.name} needs --base-url (an OpenAI-compatible endpoint, "
+                               "e.g. http://127.0.0.1:8000/v1)")
+        if "rwr_cdir" in modes:
+            if explicit:
+                raise EvalRunError("rwr_cdir needs token log-probabilities and image inputs mid-answer; openai: "
+                                   "policies are text-level: use --mode rwr (or all, which skips rwr_cdir)")
+            logger.warning("openai: policies are text-level: skipping rwr_cdir")
+            modes = [m for m in modes if m != "rwr_cdir"]
+    return modes
+
+
+def run_eval(
+    cfg: Config,
+    benchmark: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    engines: Any = None,
+) -> dict[str, Any]:
+    """Run (or resume) an evaluation; returns the run summary written to ``run.json``.
+
+    Every cheap check (modes, data layout, run directory identity) runs before any model loads.
+    """
+    requested = list(cfg.eval.modes)
+    modes = check_modes(cfg, expand_modes(requested), explicit="all" not in requested)
+    if not Path(data).exists():
+        raise EvalRunError(f"--data {data} does not exist")
+    records = _load_records(cfg, benchmark, data)
+    if not records:
+        raise EvalRunError(f"{data}: the {benchmark} loader found no items (check --split / --languages)")
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ident = run_identity(cfg, benchmark, data, modes)
+    prev = _prepare_run_dir(run_dir, ident, force)
+    store = ResultStore(run_dir)
+    all_modes = [m for m in ("direct", "rag", "rwr", "rwr_cdir") if m in set(modes) | set(prev.get("modes", []))]
+    summary: dict[str, Any] = {
+        "version": 1, "identity": ident, "modes": all_modes, "n_items": len(records),
+        "batch_size": cfg.eval.batch_size, "limit": cfg.eval.limit, "started": prev.get("started") or time.time(),
+        "status": "running",
+    }
+    from medrwr import __version__
+
+    summary["medrwr_version"] = __version__
+    write_json_atomic(run_dir / RUN_JSON, summary)
+    by_id = {r.id: r for r in records}
+    want_rwr = "rwr" in modes
+    # rwr rows that can be read from stored rwr_cdir rows (a run that added rwr later)
+    if want_rwr and "rwr_cdir" in modes:
+        derived = []
+        for row in list(store):
+            if row["mode"] == "rwr_cdir" and not store.has(row["id"], "rwr") and row["id"] in by_id:
+                derived.append({**row, "mode": "rwr", "trace": rwr_view(row["trace"]),
+                                "verdict": row.get("rwr_verdict") or row["verdict"], "derived_from": "rwr_cdir"})
+        store.append(derived)
+    engines = engines or EvalEngines(cfg, modes)
+    timings: dict[str, Any] = dict(prev.get("timings") or {})
+    try:
+        for mode in modes:
+            if mode == "rwr" and "rwr_cdir" in modes:
+                continue  # read from the rwr_cdir traces
+            pending = [r for r in records if not store.has(r.id, mode)]
+            # similar lengths in one batch: less padding (results are keyed by id, so order does not matter)
+            pending.sort(key=lambda r: len(r.question) + sum(len(str(o)) for o in (r.options or {}).values()))
+            skipped = len(records) - len(pending)
+            if pending:
+                engines.get(mode)  # load the policy/retriever before the clock starts
+            t0 = time.perf_counter()
+            done = 0
+            if on_progress:
+                on_progress(Progress(mode, 0, len(pending), 0.0, skipped))
+            bs = cfg.eval.batch_size
+            for start in range(0, len(pending), bs):
+                batch = pending[start: start + bs]
+                store.append(_run_batch(engines, mode, batch, want_rwr))
+                done += len(batch)
+                if on_progress:
+                    on_progress(Progress(mode, done, len(pending), time.perf_counter() - t0, skipped))
+            if done:
+                secs = time.perf_counter() - t0
+                timings[mode] = {"items": done, "seconds": secs, "items_per_s": done / secs if secs else None}
+    finally:
+        if isinstance(engines, EvalEngines):
+            stats = {k: e.stats.to_dict() for k, e in engines._engines.items() if hasattr(e, "stats")}
+            if stats:
+                summary["engine_stats"] = stats
+            engines.close()
+    summary.update(status="finished", finished=time.time(), timings=timings)
+    write_json_atomic(run_dir / RUN_JSON, summary)
+    return summary
+
+
+def fingerprint(ident: dict[str, Any]) -> str:
+    """A short hash of a run identity (shown in reports)."""
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,159 @@
+"""KV-cache reuse across turns (medrwr.rollout.backends.kv_cache): the cached path must give the same token ids
+and log-probabilities as the uncached one (the reference), on batched multi-round rollouts where rows finish at
+different turns, and fall back to a fresh prefill where a row's ids no longer extend what was cached.
+
+Everything is real: the tiny Qwen2 text model on the real Qwen vocabulary, transformers generate, the engine,
+stop strings, a retriever. Random models never write tags, so ForcedTranscript scripts the tags and FREE holes
+let the model sample its own tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from medrwr.config import RolloutConfig
+from medrwr.errors import BackendError, ConfigError
+from medrwr.retrieval.base import FakeRetriever
+from medrwr.rollout.backends.base import GenerationState
+from medrwr.rollout.backends.hf import HFBackend
+from medrwr.rollout.backends.kv_cache import resolve_kv_cache, supports_reuse
+from medrwr.rollout.engine import RolloutEngine, RolloutRequest
+from medrwr.testing import FREE, ForcedTranscript
+
+DOCS = {
+    "d1": "Lobar pneumonia shows consolidation with air bronchograms.",
+    "d2": "A pneumothorax shows a visceral pleural line.",
+}
+TOL = 5e-6
+"""Log-prob tolerance. Observed: <= 1e-6 (fp32 rounding). The tiny random model is insensitive: zeroing every cached
+key moves its log-probs by only ~1e-3 and scaling them by 1.01 by ~1e-5, so 1e-4 would not catch a wrong cache."""
+QUESTIONS = ["Short?", "A much longer question text here, with more words?", "Mid one?", "x?"]
+
+
+@pytest.fixture(scope="module")
+def text_lm(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from medrwr.rollout.backends.processing import load_tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval(), load_tokenizer(tiny_lm_dir)
+
+
+def _scripts(tok):
+    """Rows that end after 1, 2, 3 and 0 retrievals; FREE holes are sampled by the model itself."""
+    letters = [tok.convert_tokens_to_ids(c) for c in "ABC"]
+    return [
+        [["<think>", FREE(5), "</think>\n<query>pneumonia consolidation</query>\n"]],
+        [["<think>", FREE(3), "</think><query>pleural line</query>"],
+         ["<think>", FREE(4), "</think>\n<answer>", FREE(1, letters), "</answer>"]],
+        [["<think>", FREE(2), "</think><query>air</query>"],
+         ["<think>", FREE(6), "</think><query>pneumothorax</query>"],
+         ["<think>", FREE(3), "</think><query>lobar</query>"],
+         ["<answer>", FREE(1, letters), "</answer>"]],
+        [["<answer>", FREE(1, letters), "</answer>"]],
+    ]
+
+
+def _rollouts(model, tok, kv_cache, temperature):
+    backend = HFBackend(model, tok, logits_processors=[ForcedTranscript(tok, rows=_scripts(tok))], seed=7,
+                        temperature=temperature, top_logprobs=3, kv_cache=kv_cache)
+    engine = RolloutEngine(backend, FakeRetriever(DOCS), RolloutConfig(max_rounds=3, temperature=temperature))
+    return engine.run([RolloutRequest(q, ["a", "b", "c"]) for q in QUESTIONS]), backend
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_cached_rollouts_equal_uncached(text_lm, temperature):
+    model, tok = text_lm
+    ref, plain = _rollouts(model, tok, "off", temperature)
+    got, cached = _rollouts(model, tok, "on", temperature)
+    assert plain.kv_cache is None
+    assert cached.kv_cache.reused_tokens > 200  # turns 2+ really continued from kept keys/values
+    assert sorted(t.rounds for t in got) == [0, 1, 1, 3]  # rows leave the batch after turns 1, 2, 2 and 4
+    for a, b in zip(ref, got):
+        b.check()
+        assert b.completion_ids == a.completion_ids
+        assert b.completion_mask == a.completion_mask
+        assert np.allclose(b.logprobs, a.logprobs, atol=TOL, rtol=0)
+        assert b.stop_reason == a.stop_reason and b.answer == a.answer
+
+
+def test_same_forced_ids_give_the_same_logprobs_and_top_n(text_lm):
+    """Direct backend calls: one row continues its cached turn, one starts fresh, in one middle-padded batch."""
+    model, tok = text_lm
+    p1 = tok.encode("<|im_start|>user\nWhat shows a pleural line?<|im_end|>\n<|im_start|>assistant\n")
+    p2 = tok.encode("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
+    inserted = tok.encode("\n<retrieve>(1) A pneumothorax shows a visceral pleural line.</retrieve>\n")
+    outs = {}
+    for mode in ("off", "on"):
+        backend = HFBackend(model, tok, temperature=0, top_logprobs=4, kv_cache=mode)
+        first = backend.generate([GenerationState(p1)], ["</query>"], 9)[0]
+        second = backend.generate([GenerationState(p1 + first.token_ids + inserted), GenerationState(p2)],
+                                  ["</query>"], [7, 5])
+        outs[mode] = (first, second, backend)
+    (f0, s0, _), (f1, s1, cached) = outs["off"], outs["on"]
+    assert cached.kv_cache.reused_tokens == len(p1) + len(f1.token_ids) - 1
+    assert f1.token_ids == f0.token_ids
+    for a, b in zip(s0, s1):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert np.allclose(b.logprobs, a.logprobs, atol=TOL, rtol=0)
+        assert np.array_equal(b.top_ids, a.top_ids)
+        assert np.allclose(b.top_logprobs, a.top_logprobs, atol=TOL, rtol=0)
+
+
+def test_ids_that_no_longer_extend_the_cache_fall_back(text_lm):
+    model, tok = text_lm
+    prompt = tok.encode("<|im_start|>user\nHow does consolidation look?<|im_end|>\n<|im_start|>assistant\n")
+    other = tok.encode("Lobar pneumonia.")
+    ref = HFBackend(model, tok, temperature=0, kv_cache="off")
+    backend = HFBackend(model, tok, temperature=0, kv_cache="on")
+    out = backend.generate([GenerationState(prompt)], [], 6)[0]
+    assert len(backend.kv_cache.entries) == 1
+    truncated = prompt[:-2] + other  # diverges before the end of the cached key: only a fresh prefill is exact
+    got = backend.generate([GenerationState(truncated)], [], 6)[0]
+    assert backend.kv_cache.reused_tokens == 0
+    want = ref.generate([GenerationState(truncated)], [], 6)[0]
+    assert got.token_ids == want.token_ids and np.allclose(got.logprobs, want.logprobs, atol=TOL, rtol=0)
+    shorter = prompt + out.token_ids[:2]  # a prefix of a kept key: all but its last token come from the cache
+    got = backend.generate([GenerationState(shorter)], [], 4)[0]
+    assert backend.kv_cache.reused_tokens == len(shorter) - 1
+    want = ref.generate([GenerationState(shorter)], [], 4)[0]
+    assert got.token_ids == want.token_ids and np.allclose(got.logprobs, want.logprobs, atol=TOL, rtol=0)
+
+
+def test_store_is_capped_and_dropped_when_weights_change(text_lm):
+    model, tok = text_lm
+    prompts = [tok.encode(f"<|im_start|>user\nquestion number {i}<|im_end|>\n") for i in range(4)]
+    backend = HFBackend(model, tok, temperature=0, kv_cache="on")
+    backend.kv_cache.max_tokens = 2 * max(len(p) for p in prompts) + 8
+    backend.generate([GenerationState(p) for p in prompts], [], 4)
+    assert 0 < backend.kv_cache.tokens <= backend.kv_cache.max_tokens and len(backend.kv_cache.entries) < 4
+    kept = next(iter(backend.kv_cache.entries))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        model(torch.tensor([prompts[0]])).logits.sum().backward()
+        opt.step()  # an optimizer step (here a no-op) modifies the weights in place: kept keys are stale
+        model.zero_grad(set_to_none=True)
+        backend.generate([GenerationState(list(kept) + [11])], [], 2)
+        assert backend.kv_cache.reused_tokens == 0
+    finally:
+        model.load_state_dict(weights)
+
+
+def test_mode_is_checked_and_vlms_keep_the_uncached_path(text_lm, tiny_vlm_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model, _ = text_lm
+    assert supports_reuse(model) == (True, "")
+    with pytest.raises(ConfigError, match="rollout.kv_cache must be auto, on or off"):
+        RolloutConfig(kv_cache="yes")
+    with pytest.raises(BackendError, match="kv_cache must be auto, on or off"):
+        resolve_kv_cache(model, "always", 0)
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm_dir).eval()
+    assert resolve_kv_cache(vlm, "auto", 0) is None
+    with pytest.raises(BackendError, match="vision-language"):
+        resolve_kv_cache(vlm, "on", 0)
