@@ -42,6 +42,8 @@ class TrainRollout:
         self.engine = engine
         self.eos_token_id = int(eos_token_id)
         self.last: dict[str, Any] | None = None
+        self.masks: Any = None
+        """A ``logprob_head.CompletionMasks`` the plain log-prob head reads, set when that head is used."""
 
     def _use_trl_vllm(self, trainer: Any) -> bool:
         """With ``train.trl: {use_vllm: true, vllm_mode: colocate}`` generate on TRL's vLLM engine, whose
@@ -79,6 +81,8 @@ class TrainRollout:
                 finally:
                     model.train(was_training)
         self._append_end(out)
+        if self.masks is not None:
+            self.masks.record(out["completion_ids"], out["env_mask"])
         self.last = out
         return out
 
@@ -241,7 +245,8 @@ def build_grpo_trainer(
     )
     head = cfg.train.logprob_head
     if head == "plain" or (head == "auto" and not torch.cuda.is_available()):
-        from medrwr.train.logprob_head import use_plain_logprob_head
+        from medrwr.train.logprob_head import CompletionMasks, use_plain_logprob_head
 
-        use_plain_logprob_head(trainer)
+        rollout.masks = CompletionMasks()
+        use_plain_logprob_head(trainer, rollout.masks)
     return trainer, rollout

@@ -85,6 +85,20 @@ def _assert_logprobs_match(batch, rollout):
     assert worst < 1e-4, f"training forward log-probs differ from the rollout's by {worst:.2e}"
 
 
+def test_plain_head_does_not_score_inserted_tokens(text_run):
+    """The plain head skips retrieved tokens (their log-prob is exactly 0, no LM-head work); TRL's fused head
+    scores them (non-zero), which is why the plain head is cheaper when retrieval inserts many tokens."""
+    trainer, rollout, batch = text_run
+    ref = batch["ref_per_token_logps"]
+    inserted = (batch["tool_mask"] == 0) & (batch["completion_mask"] == 1)
+    model = (batch["tool_mask"] == 1) & (batch["completion_mask"] == 1)
+    assert inserted.sum() > 20 and torch.all(ref[model] != 0)
+    if rollout.masks is not None:  # plain head
+        assert torch.all(ref[inserted] == 0)
+    else:
+        assert torch.all(ref[inserted] != 0)
+
+
 def test_training_logprobs_equal_rollout_text(text_run):
     _trainer, rollout, batch = text_run
     _assert_logprobs_match(batch, rollout)
