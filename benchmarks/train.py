@@ -66,7 +66,7 @@ class _Timed:
             self.sink[self.key] = self.sink.get(self.key, 0.0) + time.perf_counter() - t0
 
 
-def _setup(tmp: Path) -> tuple[str, Path, Any]:
+def _setup(tmp: Path, model: str = "tiny-vlm") -> tuple[str, Path, Any]:
     from PIL import Image
 
     from medrwr.retrieval.index.corpus import Document
@@ -78,8 +78,14 @@ def _setup(tmp: Path) -> tuple[str, Path, Any]:
                         dense=False, show_progress=False)
     img = tmp / "film.png"
     Image.radial_gradient("L").convert("RGB").resize((96, 96)).save(img)
+    images = [str(img)] if model == "tiny-vlm" else []
     samples = [MCQSample(f"Which finding does film {i} show?", ["Effusion", "Cardiomegaly", "Pneumothorax"],
-                         "B", "Cardiomegaly: cardiothoracic ratio above 0.5.", [str(img)]) for i in range(32)]
+                         "B", "Cardiomegaly: cardiothoracic ratio above 0.5.", images) for i in range(32)]
+    if model == "smollm2":  # the packaged default policy, converted once into the cache (text only)
+        from medrwr.assets import smollm2_gguf_path
+        from medrwr.rollout.backends.policy_cache import convert_gguf_policy
+
+        return str(convert_gguf_policy(smollm2_gguf_path())), index, build_dataset(samples)
     return tiny_qwen2_5_vl(), index, build_dataset(samples)
 
 
@@ -96,7 +102,8 @@ def _run(model_dir: str, index: Path, dataset: Any, *, retrieval: bool, head: st
         f"model.name={model_dir}", f"model.threads={threads}", "rollout.temperature=1.0",
         "rollout.max_new_tokens_per_turn=48", "rollout.max_total_new_tokens=96", "rollout.max_inserted_tokens=96",
         f"rollout.max_rounds={1 if retrieval else 0}", f"retrieval.index={index}", "retrieval.mode=bm25",
-        "retrieval.k=3", "train.stage=2", "train.num_generations=4", "train.per_device_batch_size=4",
+        "retrieval.k=3", f"train.stage={2 if 'images' in dataset.column_names and dataset[0]['images'] else 1}",
+        "train.num_generations=4", "train.per_device_batch_size=4",
         f"train.max_steps={steps + 1}", "train.beta=0.001", "train.learning_rate=0.0001", f"train.logprob_head={head}",
         "train.trl={save_steps: 100000}",
     ])
@@ -164,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 measured steps per setting (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/train[-MODEL].json)")
     ap.add_argument("--no-fused", action="store_true", help="skip the fused-head comparison")
+    ap.add_argument("--model", choices=["tiny-vlm", "smollm2"], default="tiny-vlm",
+                    help="tiny random Qwen2.5-VL (default) or the packaged SmolLM2-135M (text, stage 1)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.model == "tiny-vlm" else DEFAULT_OUT.with_name(f"train-{args.model}.json")
     import tempfile
 
     import torch
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = 2 if args.quick else 5
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model_dir, index, dataset = _setup(tmp)
+        model_dir, index, dataset = _setup(tmp, args.model)
         runs = [
             _run(model_dir, index, dataset, retrieval=False, head="plain", steps=steps, tmp=tmp, threads=args.threads),
             _run(model_dir, index, dataset, retrieval=True, head="plain", steps=steps, tmp=tmp, threads=args.threads),
@@ -195,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"step with retrieval / without: {ratio:.2f}x (target <= 1.2x)")
     result = {"runs": runs, "ratio_retrieval_over_none": ratio, "threads": torch.get_num_threads(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(), "quick": args.quick,
-              "model": "tiny Qwen2.5-VL (medrwr.testing), 152k vocabulary", "when": time.strftime("%Y-%m-%d %H:%M")}
+              "model": {"tiny-vlm": "tiny Qwen2.5-VL (medrwr.testing), 152k vocabulary",
+                        "smollm2": "SmolLM2-135M-Instruct (packaged GGUF, converted), 49k vocabulary"}[args.model], "when": time.strftime("%Y-%m-%d %H:%M")}
     if len(runs) > 2:
         result["ratio_fused_over_plain"] = runs[2]["mean_s"]["total"] / runs[1]["mean_s"]["total"]
         print(f"fused LM head / plain (with retrieval): {result['ratio_fused_over_plain']:.2f}x")
