@@ -74,6 +74,9 @@ def bench_mode(cfg_overrides: list[str], mode: str, data: Path, work: Path, back
     out: dict[str, Any] = {"mode": mode}
     answers = {}
     for label, bs in (("batched", batch), ("single", 1)):
+        kv = getattr(backend, "kv_cache", None)  # the transformers backend's KV store (None when off)
+        if kv is not None:
+            kv.clear()  # both arms start cold: the second arm must not reuse the first's cached prompts
         cfg = load_config(None, [*cfg_overrides, f"eval.modes=[{mode}]", f"eval.batch_size={bs}"])
         run_dir = work / f"{mode}-{label}"
         summary = run_eval(cfg, "jsonl", data, run_dir, engines=EvalEngines(cfg, [mode], backend=backend))

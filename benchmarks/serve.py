@@ -206,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     scfg = ServerConfig(api_max_batch=max(users), api_max_queue=max(64, max(users)), api_batch_wait_ms=20)
     rows = []
     with _Server(create_app(engine, scfg, model_name="smollm2"), scfg) as srv:
+        kv = getattr(engine.backend, "kv_cache", None)  # the transformers backend's KV store (None when off)
         for n in users:
+            if kv is not None:
+                kv.clear()  # each arm starts cold: the second must not reuse the first's cached prompts
             b = batched(srv.url, n)
+            if kv is not None:
+                kv.clear()
             s = one_at_a_time(engine, n)
             rows.append({"users": n, "batched": b, "sequential": s,
                          "throughput_ratio": b["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None})
