@@ -19,7 +19,7 @@ from medrwr.cli import demo as demo_cmd
 from medrwr.cli import eval as eval_cmd
 from medrwr.cli import kb as kb_cmd
 from medrwr.cli import train as train_cmd
-from medrwr.cli._shared import ConfigOpt, SetOpt, _config, console, err_console
+from medrwr.cli._shared import ConfigOpt, SetOpt, _config, apply_policy_flags, console, err_console
 from medrwr.cli.serve import serve_app
 from medrwr.config import Config
 from medrwr.errors import CLIError, MedRwRError
@@ -405,18 +405,11 @@ def ask(
 ) -> None:
     """Answer one question with the reasoning-with-retrieval loop and print the trace."""
     cfg = _config(config, overrides)
-    if model:
-        cfg.model.name = model
+    apply_policy_flags(cfg, model=model, threads=threads, index=index, image_index=image_index)
     if constrain is not None:
         cfg.rollout.constrain = "protocol" if constrain else "none"
-    if threads is not None:
-        cfg.model.threads = threads
-    if index:
-        cfg.retrieval.index = index
     if cdir:
         cfg.cdir.enabled = True
-    if image_index:
-        cfg.cdir.image_index = image_index
     images = list(image or [])
     _check_ask_inputs(cfg, question, list(option or []), images)  # every cheap check before any model loads
     from medrwr.rollout.backends import BackendError, policy_supports_images

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from medrwr.cli._shared import ConfigOpt, SetOpt, _config, console, err_console
+from medrwr.cli._shared import ConfigOpt, SetOpt, _config, apply_policy_flags, console, err_console
 from medrwr.errors import CLIError
 
 eval_app = typer.Typer(help="Evaluate policies on medical VQA benchmarks (direct, RAG, RwR, RwR+CDIR).",
@@ -67,14 +67,9 @@ def run(
     from pathlib import Path
 
     cfg = _config(config, overrides)
-    if model:
-        cfg.model.name = model
+    apply_policy_flags(cfg, model=model, index=index, image_index=image_index)
     if mode:
         cfg.eval.modes = [m.strip() for x in mode for m in x.split(",") if m.strip()]
-    if index:
-        cfg.retrieval.index = index
-    if image_index:
-        cfg.cdir.image_index = image_index
     for key, value in (("limit", limit), ("batch_size", batch_size), ("preset", preset), ("split", split),
                        ("base_url", base_url)):
         if value is not None:

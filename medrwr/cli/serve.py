@@ -1,14 +1,13 @@
-"""``medrwr serve``: the retrieval service (and, when built, the OpenAI-compatible API)."""
+"""``medrwr serve``: the retrieval service and the OpenAI-compatible API over the whole loop."""
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import logging
+from typing import List, Optional
 
 import typer
 
-from medrwr.cli._shared import ConfigOpt, SetOpt, _config, err_console
+from medrwr.cli._shared import ConfigOpt, SetOpt, _config, apply_policy_flags, err_console
 from medrwr.errors import CLIError, ConfigError
 
 serve_app = typer.Typer(help="Run the retrieval service or the OpenAI-compatible API.", no_args_is_help=True)
@@ -105,14 +104,7 @@ def apply_api_options(cfg, *, model=None, index=None, image_index=None, host=Non
         cfg.server = dataclasses.replace(cfg.server, **changes)
     except ConfigError as exc:
         raise CLIError(f"bad option: {exc}") from None
-    if model:
-        cfg.model.name = model
-    if threads is not None:
-        cfg.model.threads = threads
-    if index:
-        cfg.retrieval.index = index
-    if image_index:
-        cfg.cdir.image_index = image_index
+    apply_policy_flags(cfg, model=model, threads=threads, index=index, image_index=image_index)
     if cdir:
         cfg.cdir.enabled = True
         cfg.cdir.image_index = cfg.cdir.image_index or "demo"

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medrwr._imports import require
+from medrwr._io import write_json_atomic
 from medrwr.errors import SynthesisError
 
 log = logging.getLogger(__name__)
@@ -102,16 +102,7 @@ class ChatClient:
     def _store(self, key: str, entry: dict[str, Any]) -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entry, f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(p, entry)
 
     # --- calls ----------------------------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ def synthesize(cfg: Any, pairs_path: str | os.PathLike, images_dir: str | os.Pat
         st = run_stratify(items, outp, cfg.data, engine, show_progress)
         report.stages["stratify"] = {"questions": st.total, "kept": st.kept, "samples": st.samples,
                                      "band": st.band, "distribution": st.distribution}
-    from medrwr.retrieval.index.store import write_json_atomic
+    from medrwr._io import write_json_atomic
 
     for stage in STAGES:  # the card shows every stage's counts, also those of stages run by an earlier command
         summary = outp / stage / "summary.json"

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medrwr._imports import require
+from medrwr._io import write_json_atomic
 from medrwr.errors import ConfigError
 from medrwr.eval.record import EvalRecord, Verdict
 
@@ -118,14 +118,7 @@ class LLMJudge:
     def _store(self, key: str, entry: dict[str, Any]) -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entry, f, ensure_ascii=False)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(p, entry)
 
     # --- calls ------------------------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from medrwr._imports import is_available
-from medrwr.eval.results import RUN_JSON, read_results, write_json_atomic
+from medrwr._io import write_json_atomic
+from medrwr.eval.results import RUN_JSON, read_results
 
 logger = logging.getLogger(__name__)
 

@@ -24,22 +24,10 @@ from medrwr.errors import EvalRunError, ResultsCorrupt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESULTS", "RUN_JSON", "ResultStore", "ResultsCorrupt", "read_results", "write_json_atomic"]
+__all__ = ["RESULTS", "RUN_JSON", "ResultStore", "ResultsCorrupt", "read_results"]
 
 RESULTS = "results.jsonl"
 RUN_JSON = "run.json"
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _scan(path: Path, *, repair: bool) -> tuple[list[dict[str, Any]], int | None]:

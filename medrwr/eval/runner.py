@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medrwr._io import sha256_file
+from medrwr._io import sha256_file, write_json_atomic
 from medrwr.config import Config
 from medrwr.errors import EvalRunError
 from medrwr.eval.modes import expand_modes, question_text, rwr_view, system_for, trace_for_storage
 from medrwr.eval.record import EvalRecord
-from medrwr.eval.results import RUN_JSON, ResultStore, write_json_atomic
+from medrwr.eval.results import RUN_JSON, ResultStore
 from medrwr.eval.text_policy import ChatPolicyEngine, api_key_from_env, is_openai_model
 
 logger = logging.getLogger(__name__)

@@ -59,7 +59,7 @@ def test_verdicts_are_cached_on_disk(server, tmp_path):
         assert j.verdict("Which side?", "right", "right frontal lobe") is True  # from the cache
         assert len(seen) == 2
         files = list((tmp_path / "cache").rglob("*.json"))
-        assert len(files) == 2 and not list((tmp_path / "cache").rglob(".tmp-*"))
+        assert len(files) == 2 and not list((tmp_path / "cache").rglob("*.tmp-*"))
     # a new judge on the same cache makes no call; another model is another key
     with LLMJudge(srv.url + "/v1/", "judge-m", tmp_path / "cache") as j2:
         assert j2.verdicts([("Which side?", "right", "left"), ("Which side?", "right", "right")]) == [False, True]

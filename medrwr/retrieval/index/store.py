@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medrwr._io import sha256_file
+from medrwr._io import sha256_file, write_json_atomic
 from medrwr.errors import IndexCorrupt, IndexMissing, IndexStoreError, IndexVersionMismatch
 from medrwr.retrieval.index.corpus import Document
 
@@ -142,18 +142,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file and ``os.replace``."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
 
 
 # ------------------------------------------------------------------------------------------ checksums
