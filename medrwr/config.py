@@ -360,8 +360,12 @@ class EvalConfig:
     continuation: Literal["turns", "prefill"] = "turns"
     concurrency: int = 8
     request_timeout_s: float = 120.0
+    judge_url: str | None = None  # optional LLM judge for open answers (OpenAI-compatible base URL) ...
+    judge_model: str | None = None  # ... and the model it serves; verdicts cached under the medrwr cache
 
     def __post_init__(self) -> None:
+        _check((self.judge_url is None) == (self.judge_model is None),
+               "eval.judge_url and eval.judge_model go together: set both (--judge-url, --judge-model) or neither")
         bad = [m for m in self.modes if m not in EVAL_MODES]
         _check(not bad, f"eval.modes: unknown {bad}; choose from {', '.join(EVAL_MODES)}")
         _check((self.limit is None or self.limit >= 1) and self.batch_size >= 1 and self.concurrency >= 1

@@ -60,6 +60,10 @@ def run(
                                 "over, also when its configuration differs (old files kept as *.bak-TIME)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint for openai:MODEL."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the report's PNG plots at the end."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of an LLM judge "
+                                            "for open answers (key from MEDRWR_JUDGE_API_KEY or OPENAI_API_KEY)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The judge model's name (with "
+                                              "--judge-url); verdicts are cached and the judge is in the report."),
     config: Optional[str] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
@@ -71,7 +75,7 @@ def run(
     if mode:
         cfg.eval.modes = [m.strip() for x in mode for m in x.split(",") if m.strip()]
     for key, value in (("limit", limit), ("batch_size", batch_size), ("preset", preset), ("split", split),
-                       ("base_url", base_url)):
+                       ("base_url", base_url), ("judge_url", judge_url), ("judge_model", judge_model)):
         if value is not None:
             setattr(cfg.eval, key, value)
     from medrwr.eval.modes import expand_modes
@@ -82,6 +86,8 @@ def run(
         expand_modes(cfg.eval.modes)
     except ValueError as exc:
         raise CLIError(str(exc), code=2) from None
+    if (cfg.eval.judge_url is None) != (cfg.eval.judge_model is None):
+        raise CLIError("--judge-url and --judge-model go together: give both, or neither", code=2)
     run_dir = Path(out) if out else Path(cfg.eval.output_dir) / benchmark
     err_console.print(f"[dim]evaluating {benchmark} ({', '.join(cfg.eval.modes)}) into {run_dir}…[/dim]",
                       highlight=False)

@@ -155,6 +155,8 @@ def compute_metrics(run_dir: str | Path) -> dict[str, Any]:
         "data_path": data.get("path"),
         "model": (ident.get("model") or {}).get("name"),
         "preset": ident.get("preset") or (presets[0] if len(presets) == 1 else presets),
+        "judge": (ident.get("judge") or {}).get("model")
+        or next((r["verdict"]["judge"] for r in rows if r["verdict"].get("judge")), None),
         "answer_types": "mcq = has options (scored by letter); closed = yes/no or closed set without options; "
                         "open = free text (EM / token recall / token F1)",
         "n_items": info.get("n_items"),
@@ -216,8 +218,9 @@ def _run_section(run: dict[str, Any], plots: list[str], level: str = "##") -> li
     out = [f"{level} {run['name']}", ""]
     out += [f"- benchmark: `{run['benchmark']}`, split: {', '.join(run['split'])}; split file(s): "
             f"{', '.join(f'`{f}`' for f in run['split_files']) or '—'}",
-            f"- model: `{run['model']}`; scoring preset: `{run['preset']}`; items: {run['n_items']}; "
-            f"status: {run['status']}",
+            f"- model: `{run['model']}`; scoring preset: `{run['preset']}`"
+            + (f"; LLM judge (open answers): `{run['judge']}`" if run.get("judge") else "")
+            + f"; items: {run['n_items']}; status: {run['status']}",
             f"- answer types: {run['answer_types']}", ""]
     out += _grouped(run, "by_answer_type", "Answer type")
     out += _grouped(run, "by_bucket", "Verdict bucket")

@@ -117,6 +117,8 @@ def run_identity(cfg: Config, benchmark: str, data: str | Path, modes: list[str]
         },
         "preset": cfg.eval.preset,
     }
+    if cfg.eval.judge_model:
+        ident["judge"] = {"model": cfg.eval.judge_model, "url": cfg.eval.judge_url}
     if any(m != "direct" for m in modes):
         rc = cfg.retrieval
         ret: dict[str, Any] = {"k": rc.k, "mode": rc.mode if "mode" in rc.explicit_keys() else None}
@@ -192,7 +194,19 @@ class EvalEngines:
         self._backend: Any = backend
         self._retriever: Any = None
         self._engines: dict[str, Any] = {}
+        self._judge: Any = None
         self.openai = is_openai_model(cfg.model.name)
+
+    def llm_judge(self) -> Any:
+        """The optional LLM judge of open answers (``eval.judge_url`` + ``judge_model``), or None."""
+        e = self.cfg.eval
+        if self._judge is None and e.judge_url:
+            from medrwr.assets import cache_root
+            from medrwr.eval.judge_llm import LLMJudge
+
+            self._judge = LLMJudge(e.judge_url, e.judge_model or "", cache_root() / "judge",
+                                   timeout=e.request_timeout_s, max_workers=e.concurrency)
+        return self._judge
 
     def retriever(self) -> Any:
         if self._retriever is None:
@@ -250,6 +264,8 @@ class EvalEngines:
                 e.close()
         if self._retriever is not None:
             self._retriever.close()
+        if self._judge is not None:
+            self._judge.close()
 
 
 # ---------------------------------------------------------------------- one batch
@@ -280,6 +296,18 @@ def _rag_documents(engines: EvalEngines, records: list[EvalRecord]) -> list[dict
     return out
 
 
+def _prefetch_judge(llm: Any, records: list[EvalRecord], responses: list[str]) -> None:
+    """Ask the LLM judge about every open, non-yes/no answer of a batch at once (its cache keeps the verdicts)."""
+    from medrwr.eval.scoring import extract_answer
+
+    items = []
+    for r, response in zip(records, responses):
+        text, _ = extract_answer(response)
+        if r.answer_type != "mcq" and not r.is_yes_no and text:
+            items.append((r.question, r.answer, text))
+    llm.verdicts(list(dict.fromkeys(items)))  # repeated items: one call each
+
+
 def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_rwr: bool) -> list[dict[str, Any]]:
     from medrwr.eval.scoring import judge
     from medrwr.rollout.request import RolloutRequest
@@ -295,15 +323,18 @@ def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_
     traces = engines.get(mode).run(requests)
     per_item = (time.perf_counter() - t0) / max(1, len(records))
     rows = []
-    for i, (r, tr) in enumerate(zip(records, traces)):
-        d = trace_for_storage(tr.to_dict(), cfg.eval.keep_tokens)
-        verdict = judge(r, d.get("completion_text") or "", preset=cfg.eval.preset)
+    llm = engines.llm_judge()
+    dicts = [trace_for_storage(tr.to_dict(), cfg.eval.keep_tokens) for tr in traces]
+    if llm is not None:  # judge the batch's open answers concurrently; judge() below then reads the cache
+        _prefetch_judge(llm, records, [d.get("completion_text") or "" for d in dicts])
+    for i, (r, d) in enumerate(zip(records, dicts)):
+        verdict = judge(r, d.get("completion_text") or "", preset=cfg.eval.preset, llm_judge=llm)
         extra: dict[str, Any] = {"seconds": per_item, "batch_size": len(records)}
         if rag is not None:
             extra["rag"] = rag[i]
         if mode == "rwr_cdir":
             view = rwr_view(d)
-            first = judge(r, view.get("completion_text") or "", preset=cfg.eval.preset)
+            first = judge(r, view.get("completion_text") or "", preset=cfg.eval.preset, llm_judge=llm)
             extra["rwr_verdict"] = first.to_dict()
             rows.append(_row(r, mode, d, verdict, **extra))
             if want_rwr:

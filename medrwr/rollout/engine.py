@@ -45,6 +45,9 @@ Decisions (documented in one place):
   :class:`RolloutEvent` s as the loop goes (``tokens`` per generated token when the backend has
   ``supports_token_callback``, ``query``, ``retrieval``, ``cdir``, ``finish``); ``cancelled=fn(request_id)``
   ends a row whose client went away (``stop_reason="error"``, ``error="cancelled: ..."``) and stops its generation.
+  ``admit=fn()`` is continuous batching at turn boundaries: before every turn it returns more requests, which
+  join the running batch (their traces follow the given ones in the result). Without CDIR each row is finalised
+  and its ``finish`` event sent as soon as it is done, so a server can answer it while the batch goes on.
 """
 
 from __future__ import annotations
@@ -174,6 +177,8 @@ class RolloutEngine:
         self._options: dict[int, dict[str, str]] = {}
         self._on_event: EventFn | None = None
         self._cancelled: Callable[[str], bool] | None = None
+        self._finalized: set[int] = set()
+        self._finish_early = False
 
     # ------------------------------------------------------------------ preparing prompts
 
@@ -223,28 +228,34 @@ class RolloutEngine:
         *,
         on_event: EventFn | None = None,
         cancelled: Callable[[str], bool] | None = None,
+        admit: Callable[[], Sequence[RolloutRequest]] | None = None,
     ) -> list[RolloutTrace]:
-        """Roll out every request; returns one trace per request, in order.
+        """Roll out every request; returns one trace per request, in order (admitted requests last).
 
         ``on_event`` receives :class:`RolloutEvent` s while the loop runs; ``cancelled(request_id)`` True ends
-        that row early (both for serving; see the module docstring)."""
+        that row early; ``admit()`` adds requests at turn boundaries (all for serving; see the module docstring)."""
         t0 = self.clock()
         self._options.clear()
+        self._finalized.clear()
         self._on_event, self._cancelled = on_event, cancelled
+        cdir = self.cdir.enabled and self.image_retriever is not None
+        self._finish_early = not cdir
         try:
             rows = [self._prepare(r, i) for i, r in enumerate(requests)]
-            self.continue_rows(rows)
-            if self.cdir.enabled and self.image_retriever is not None:
+            self.continue_rows(rows, admit=admit)
+            self._finish_early = False
+            if cdir:
                 run_cdir(self, [r for r in rows if not self._is_cancelled(r)])
                 for row in rows:
                     if row.trace.cdir is not None and row.trace.cdir.triggered:
                         self._emit("cdir", row, record=row.trace.cdir)
             for row in rows:
-                self._finalize(row)
-                self._emit("finish", row, trace=row.trace)
+                self._settle(row)
         finally:
             self._on_event = self._cancelled = None
             self._options.clear()
+            self._finalized.clear()
+            self._finish_early = False
         self.stats.total_s += self.clock() - t0
         return [r.trace for r in rows]
 
@@ -289,19 +300,37 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ the loop
 
-    def continue_rows(self, rows: Sequence[Row]) -> None:
-        """Run the loop until every row is done (a bounded number of turns; every turn ends a row or spends
-        budget). CDIR calls it again for the rows it reopened."""
+    def continue_rows(self, rows: list[Row], *, admit: Callable[[], Sequence[RolloutRequest]] | None = None) -> None:
+        """Run the loop until every row is done (a bounded number of turns per row; every turn ends a row or
+        spends budget). ``admit`` appends rows for new requests before each turn. CDIR calls it again for the
+        rows it reopened."""
         cfg = self.config
         max_turns = 4 * (cfg.max_rounds + 2) + 8
-        for _ in range(max_turns):
+        turns: dict[int, int] = {}
+        while True:
+            if admit is not None:
+                rows.extend(self._prepare(r, len(rows)) for r in list(admit()))
+            for r in rows:
+                if not r.done and turns.get(id(r), 0) >= max_turns:  # pragma: no cover - budgets end rows first
+                    r.finish("no_progress", "turn limit reached")
             active = [r for r in rows if not r.done]
             if not active:
                 return
+            for r in active:
+                turns[id(r)] = turns.get(id(r), 0) + 1
             self._step(active)
-        for r in rows:
-            if not r.done:  # pragma: no cover - the budgets above end every row first
-                r.finish("no_progress", "turn limit reached")
+            if self._finish_early:
+                for r in active:
+                    if r.done:
+                        self._settle(r)
+
+    def _settle(self, row: Row) -> None:
+        """Finalise a done row's trace and send its ``finish`` event, once."""
+        if id(row) in self._finalized:
+            return
+        self._finalized.add(id(row))
+        self._finalize(row)
+        self._emit("finish", row, trace=row.trace)
 
     def _budget(self, row: Row) -> int:
         return min(self.config.max_new_tokens_per_turn, self.config.max_total_new_tokens - row.transcript.model_tokens)

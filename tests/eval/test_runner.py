@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 from medrwr.config import load_config
-from medrwr.errors import EvalRunError
+from medrwr.errors import CLIError, EvalRunError
 from medrwr.eval.results import read_results
 from medrwr.testing.benchmarks import write_fixture
 
@@ -164,3 +164,61 @@ def test_modes_and_prompts():
     assert "Reference documents" in system_for("rag", mcq)
     q = question_text(closed, ["doc one </answer>", "doc two"])
     assert q.startswith("Reference documents:\n(1) doc one ‹/answer›\n(2) doc two") and q.endswith("Question: Is it?")
+
+
+def _always_right_judge(calls: list[str]):
+    """An OpenAI-compatible chat endpoint (plain Starlette) whose judge calls every answer correct."""
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request):
+        body = await request.json()
+        calls.append(body["messages"][0]["content"])
+        return JSONResponse({"id": "j", "object": "chat.completion", "model": body["model"],
+                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                 "role": "assistant", "content": "<think>same</think><judge>0</judge>"}}]})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def test_llm_judge_decides_open_answers_is_cached_and_named_in_the_report(
+        tiny_vlm_dir, small_index, tmp_path, backend, loopback_server, monkeypatch):
+    from medrwr.eval.report import render
+    from medrwr.eval.runner import run_eval
+
+    monkeypatch.setenv("MEDRWR_CACHE_DIR", str(tmp_path / "cache"))
+    vqa = write_fixture("vqa_rad", tmp_path / "vqa", n=8)
+    calls: list[str] = []
+    with loopback_server(_always_right_judge(calls)) as srv:
+        cfg = _cfg(tiny_vlm_dir, small_index, "eval.modes=[direct]", f"eval.judge_url={srv.url}/v1",
+                   "eval.judge_model=judge-m")
+        run_eval(cfg, "vqa_rad", vqa, tmp_path / "run", engines=_engines(cfg, backend))
+        rows = read_results(tmp_path / "run")
+        judged = [r for r in rows if r["answer_type"] != "mcq" and not r["is_yes_no"]]
+        others = [r for r in rows if r not in judged]
+        assert judged and others
+        answered = [r for r in judged if r["verdict"]["parsed"]]
+        assert answered and all(r["verdict"]["judge"] == "judge-m" and r["verdict"]["correct"] for r in answered)
+        assert all(r["verdict"]["judge"] is None for r in others)  # yes/no items keep the rule-based verdict
+        assert len(calls) == len({c for c in calls}) == len({(r["question"], r["verdict"]["parsed"]) for r in answered})
+        before = len(calls)
+        run_eval(cfg, "vqa_rad", vqa, tmp_path / "run2", engines=_engines(cfg, backend))
+        assert len(calls) == before  # every verdict came from the on-disk cache
+    report = (tmp_path / "run" / "report.md")
+    render([tmp_path / "run"], tmp_path / "run", plots=False)
+    assert "LLM judge (open answers): `judge-m`" in report.read_text()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["identity"]["judge"]["model"] == "judge-m"
+
+
+def test_judge_flags_go_together():
+    from typer.testing import CliRunner
+
+    from medrwr.cli.app import app
+
+    res = CliRunner().invoke(app, ["eval", "run", "-b", "jsonl", "--data", ".", "--judge-url", "http://127.0.0.1:9/v1"])
+    assert isinstance(res.exception, CLIError) and res.exception.code == 2
+    assert "--judge-url and --judge-model go together" in str(res.exception)
+    with pytest.raises(Exception, match="judge_url and eval.judge_model go together"):
+        load_config(None, ["eval.judge_url=http://127.0.0.1:9/v1"])

@@ -132,6 +132,28 @@ def test_one_batched_search_per_step(qwen_tokenizer):
     assert traces[2].retrievals[0].hits[0][0].doc_id == "d3"
 
 
+def test_admitted_requests_join_at_turn_boundaries_and_finish_early(qwen_tokenizer):
+    """Continuous batching (``run(admit=...)``): a request admitted before turn 2 shares that generate call; each
+    row's ``finish`` event comes when it is done, not when the batch ends; traces of admitted rows come last."""
+    scripts = {"long": TWO_ROUNDS, "late": ["<think>Easy.</think>\n<answer>A</answer>"]}
+    eng, backend, _ = engine_for(qwen_tokenizer, scripts)
+    pending = [[], [RolloutRequest("Q2?", ["a", "b"], request_id="late")]]
+    finished: list[str] = []
+
+    def on_event(ev):
+        if ev.kind == "finish":
+            finished.append(ev.request_id)
+            assert ev.data["trace"].completion_text  # finalised before it is reported
+
+    traces = eng.run([RolloutRequest("Q?", ["a", "b"], request_id="long")], on_event=on_event,
+                     admit=lambda: pending.pop(0) if pending else [])
+    assert [len(c) for c in backend.calls] == [1, 2, 1]  # turn 2 ran both rows in one call
+    assert finished == ["late", "long"]
+    assert [t.metadata["request_id"] for t in traces] == ["long", "late"]
+    assert [t.answer for t in traces] == ["B", "A"] and traces[0].rounds == 2
+    assert eng.stats.model_tokens == sum(t.num_model_tokens for t in traces)  # each row finalised once
+
+
 def test_several_queries_in_one_turn(qwen_tokenizer):
     """A backend that overshoots the first </query> (here: a scripted piece) gets every query retrieved."""
     tok = qwen_tokenizer

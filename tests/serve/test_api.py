@@ -82,8 +82,12 @@ def engine(tiny_vlm_dir, tmp_path_factory):
         ["<think>It fits.</think>\n<answer>", FREE(1, letters), "</answer>"],
     ]
 
+    slow_think = "<think>slow " + " ".join(["step by step"] * 40) + "</think>\n"
+    slow = [slow_think + "<query>pneumonia</query>\n", slow_think + "<query>consolidation</query>\n",
+            slow_think + "<answer>A</answer>"]
+
     def choose(prompt: str):
-        return [LONG_THINK] if "LONG" in prompt else normal
+        return [LONG_THINK] if "LONG" in prompt else slow if "SLOW" in prompt else normal
 
     backend = HFBackend(model, proc, logits_processors=[ForcedTranscript(tok, choose=choose)], temperature=0)
     eng = RolloutEngine(backend, retriever, RolloutConfig(max_new_tokens_per_turn=512, max_total_new_tokens=512), k=2,
@@ -91,13 +95,17 @@ def engine(tiny_vlm_dir, tmp_path_factory):
     traces = []
     run = eng.run
 
+    runs = []
+
     def recording_run(requests, **kw):  # the test's window on what the engine did
         out = run(requests, **kw)
         traces.extend(out)
+        runs.append(out)
         return out
 
     eng.run = recording_run
     eng.recorded = traces
+    eng.runs = runs
     return eng
 
 
@@ -269,6 +277,32 @@ def test_client_leaving_mid_stream_stops_its_row(server, engine):
     assert t.stop_reason == "error" and t.error.startswith("cancelled")
     assert t.num_model_tokens < 300  # the scripted think is ~370 tokens: generation stopped early
     assert "medrwr_api_cancelled_total 1.0" in httpx.get(server.url + "/metrics").text
+
+
+def test_a_request_arriving_mid_batch_joins_it_at_a_turn_boundary(server, engine):
+    """Continuous batching: a request sent while a 3-turn rollout runs joins that engine batch (one run call
+    returns both traces) and is answered before the long rollout ends."""
+    events: list[str] = []
+    started = threading.Event()
+
+    def slow():
+        body = {"messages": _user("SLOW question?\nA. x\nB. y"), "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if "reasoning_content" in line:
+                    started.set()
+            events.append("slow done")
+
+    t = threading.Thread(target=slow)
+    t.start()
+    assert started.wait(60), "the slow rollout never streamed a token"
+    r = _client(server).chat.completions.create(model="tiny-vlm", messages=_user())
+    events.append("short done")
+    t.join(120)
+    assert r.choices[0].message.content in list("ABCD")
+    assert events == ["short done", "slow done"]
+    joint = [out for out in engine.runs if any(x.completion_text.startswith("<think>slow") for x in out)][-1]
+    assert any(x.completion_text.startswith("<think>Opacity") for x in joint), "the short request ran on its own"
 
 
 # ------------------------------------------------------------------------------------------ limits

@@ -1,18 +1,20 @@
-"""Batching concurrent chat requests into the rollout engine.
+"""Batching concurrent chat requests into the rollout engine, continuously at turn boundaries.
 
-The engine runs a *batch* of rows to completion (``RolloutEngine.run``; inside it every generate call covers all
-unfinished rows, and rows finish independently). So the scheduler is the simple "collect, then run one engine
-batch" kind: the first waiting request opens a window of ``server.api_batch_wait_ms``; every waiting request with
-the same sampling settings (temperature, top-p, seed, ``max_tokens``, CDIR) joins it, up to
-``server.api_max_batch`` rows; the batch runs on one worker thread while new requests queue for the next one.
-Requests that arrive while a batch runs wait for it to end (no continuous batching: the transformers backend
-cannot add rows to a running ``generate``).
+The first waiting request opens a window of ``server.api_batch_wait_ms``; every waiting request with the same
+sampling settings (temperature, top-p, seed, ``max_tokens``, CDIR) joins it, up to ``server.api_max_batch`` rows,
+and the batch runs on one worker thread (``RolloutEngine.run``; inside it every generate call covers all
+unfinished rows). While it runs, requests with the batch's settings that reach the head of the queue join it
+before the engine's next turn (``run(admit=...)``; with the KV cache a joining row only prefills its own prompt
+past the shared system prompt), and each request is answered as soon as its rows are done (without CDIR). A
+running ``generate`` call cannot take new rows (transformers), so a newcomer waits at most one turn. Requests
+with other settings wait for the batch to end (first come, first served: nothing joins past them).
 
 Back-pressure: more than ``server.api_max_queue`` waiting requests are refused (:class:`QueueFull`, answered
 429 with ``Retry-After``); a draining server refuses new ones (503). A job whose client went away is skipped if
 still queued, and its rows stop generating if running (``RolloutEngine.run(cancelled=...)``).
 
-Events cross from the worker thread to the request's asyncio queue with ``loop.call_soon_threadsafe``.
+Events cross from the worker thread to the request's asyncio queue with ``loop.call_soon_threadsafe``; the
+waiting queue is shared by the event loop and the worker thread under a lock.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import dataclasses
 import itertools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from medrwr.rollout.engine import RolloutEngine, RolloutEvent, RolloutRequest
 from medrwr.serve.api.metrics import APIMetrics
@@ -56,6 +60,7 @@ class Job:
     cancelled: bool = False
     t0: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    answered: bool = False
 
     def key(self) -> tuple:
         c = self.chat
@@ -74,6 +79,7 @@ class Scheduler:
         self.max_queue, self.max_batch, self.wait_s = max_queue, max_batch, wait_ms / 1000.0
         self.metrics = metrics
         self._queue: deque[Job] = deque()
+        self._lock = threading.Lock()  # the queue is touched by the event loop and by the worker's admit()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medrwr-engine")
         self._task: asyncio.Task | None = None
@@ -119,7 +125,8 @@ class Scheduler:
         if len(self._queue) >= self.max_queue:
             raise QueueFull
         job = Job(chat, request_id, asyncio.get_running_loop())
-        self._queue.append(job)
+        with self._lock:
+            self._queue.append(job)
         self.metrics.queue_depth.set(len(self._queue))
         self._wake.set()
         return job
@@ -146,24 +153,29 @@ class Scheduler:
                 self._running -= 1
                 self._batch_s = 0.7 * self._batch_s + 0.3 * (time.perf_counter() - t0)
 
-    def _take(self) -> list[Job]:
-        """The first live job and every waiting job with its settings, up to ``max_batch`` rows."""
-        while self._queue and self._queue[0].cancelled:
-            self._queue.popleft()
-        if not self._queue:
-            return []
-        key = self._queue[0].key()
-        batch, rows, keep = [], 0, deque()
-        while self._queue:
-            job = self._queue.popleft()
-            if job.cancelled:
-                continue
-            if job.key() == key and (not batch or rows + job.chat.n <= self.max_batch):
-                batch.append(job)
-                rows += job.chat.n
-            else:
-                keep.append(job)
-        self._queue = keep
+    def _take(self, key: tuple | None = None, room: int | None = None) -> list[Job]:
+        """Waiting jobs for one batch: the first live job's settings (or ``key``: jobs joining a running batch,
+        only while the queue's head has that key), up to ``room`` rows (default ``max_batch``)."""
+        joining = key is not None
+        room = self.max_batch if room is None else room
+        with self._lock:
+            while self._queue and self._queue[0].cancelled:
+                self._queue.popleft()
+            if not self._queue or room <= 0 or (joining and self._queue[0].key() != key):
+                return []
+            key = self._queue[0].key()
+            batch, rows, keep = [], 0, deque()
+            while self._queue:
+                job = self._queue.popleft()
+                if job.cancelled:
+                    continue
+                fits = rows + job.chat.n <= room or (not batch and not joining)  # a lone big job still runs
+                if job.key() == key and fits:
+                    batch.append(job)
+                    rows += job.chat.n
+                else:
+                    keep.append(job)
+            self._queue = keep
         return batch
 
     # ---------------------------------------------------------------- the worker thread
@@ -189,7 +201,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - isolate the request that broke the batch
             if len(jobs) > 1:
                 logger.warning("an engine batch of %d requests failed (%s); running them one by one", len(jobs), exc)
-                for job in jobs:
+                for job in [j for j in jobs if not j.answered]:
                     try:
                         self._run([job])
                     except Exception as one:  # noqa: BLE001
@@ -202,19 +214,42 @@ class Scheduler:
         job.post(("error", exc))
 
     def _run(self, jobs: list[Job]) -> None:
+        """One engine batch; ``jobs`` grows with the jobs admitted while it runs."""
         self._configure(jobs[0].key())
+        key = jobs[0].key()
         rows: dict[str, tuple[Job, int, Detokenizer]] = {}
-        requests = []
-        for job in jobs:
+        done: dict[int, dict[int, Any]] = {}
+        live = [0]
+
+        def requests_for(job: Job) -> list[RolloutRequest]:
             c = job.chat
+            out = []
             for i in range(c.n):
                 rid = f"{job.request_id}#{i}"
                 rows[rid] = (job, i, Detokenizer(self.engine.tokenizer))
-                requests.append(RolloutRequest(question=c.question, options=c.options, images=list(c.images),
-                                               request_id=rid, metadata={"warnings": list(c.warnings)}))
+                out.append(RolloutRequest(question=c.question, options=c.options, images=list(c.images),
+                                          request_id=rid, metadata={"warnings": list(c.warnings)}))
+            live[0] += c.n
+            return out
+
+        requests = [r for job in jobs for r in requests_for(job)]
+
+        def admit() -> list[RolloutRequest]:
+            joining = self._take(key, self.max_batch - live[0]) if not self._draining else []
+            if joining:
+                self.metrics.queue_depth.set(len(self._queue))
+                jobs.extend(joining)
+            return [r for job in joining for r in requests_for(job)]
 
         def on_event(ev: RolloutEvent) -> None:
             job, i, detok = rows[ev.request_id]
+            if ev.kind == "finish":
+                live[0] -= 1
+                got = done.setdefault(id(job), {})
+                got[i] = ev.data["trace"]
+                if len(got) == job.chat.n:
+                    self._answer(job, [got[k] for k in range(job.chat.n)])
+                return
             if job.cancelled:
                 return
             if ev.kind == "tokens":
@@ -235,21 +270,25 @@ class Scheduler:
         def cancelled(rid: str) -> bool:
             return rows[rid][0].cancelled
 
-        traces = self.engine.run(requests, on_event=on_event, cancelled=cancelled)
+        traces = self.engine.run(requests, on_event=on_event, cancelled=cancelled, admit=admit)
         by_job: dict[int, list] = {}
         for rid, trace in zip(rows, traces):
             by_job.setdefault(id(rows[rid][0]), []).append(trace)
         for job in jobs:
-            ts = by_job[id(job)]
-            seconds = time.perf_counter() - job.t0
-            model_tokens = sum(t.num_model_tokens for t in ts)
-            if seconds > 0 and model_tokens:
-                self.metrics.tokens_per_s.observe(model_tokens / seconds)
-            for t in ts:
-                self.metrics.retrievals.observe(t.rounds)
-            self.metrics.model_tokens.inc(model_tokens)
-            self.metrics.inserted_tokens.inc(sum(t.num_inserted_tokens for t in ts))
-            job.post(("done", ts))
+            if not job.answered:  # pragma: no cover - every row sends its finish event
+                self._answer(job, by_job[id(job)])
+
+    def _answer(self, job: Job, ts: list) -> None:
+        job.answered = True
+        seconds = time.perf_counter() - job.t0
+        model_tokens = sum(t.num_model_tokens for t in ts)
+        if seconds > 0 and model_tokens:
+            self.metrics.tokens_per_s.observe(model_tokens / seconds)
+        for t in ts:
+            self.metrics.retrievals.observe(t.rounds)
+        self.metrics.model_tokens.inc(model_tokens)
+        self.metrics.inserted_tokens.inc(sum(t.num_inserted_tokens for t in ts))
+        job.post(("done", ts))
 
 
 __all__ = ["Draining", "Job", "QueueFull", "Scheduler"]
