@@ -92,19 +92,14 @@ class ServerClientBackend:
 
     def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
         """The chat template's ids (for a VLM ``processor.apply_chat_template(..., tokenize=True)``, as TRL)."""
-        from medrwr.rollout.backends.processing import render_chat
+        from medrwr.rollout.backends.processing import raw_prompt_inputs
 
-        ids, _ = render_chat(self.processor, messages, self.supports_images)
-        mm = MultimodalInputs(images=list(images), data={"image": list(images)}) if images else None
-        return PromptInputs(prompt_ids=ids, mm=mm)
+        return raw_prompt_inputs(self.processor, messages, images, self.supports_images)
 
     def encode_image(self, image: Any) -> tuple[list[int], MultimodalInputs]:
-        from medrwr.rollout.backends.processing import image_placeholder_ids
+        from medrwr.rollout.backends.processing import raw_image_inputs
 
-        if not self.supports_images:
-            raise BackendError("an inserted image needs a vision-language model")
-        ids, _ = image_placeholder_ids(self.processor, image)
-        return ids, MultimodalInputs(images=[image], data={"image": [image]})
+        return raw_image_inputs(self.processor, image, self.supports_images)
 
     def _params(self, stop: Sequence[str], budget: int) -> dict[str, Any]:
         params = {**self.sampling_params, "stop": list(stop), "max_tokens": budget, "logprobs": True}

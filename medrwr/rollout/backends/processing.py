@@ -221,3 +221,23 @@ def image_placeholder_ids(processor: Any, image: Any) -> tuple[list[int], Any]:
     if None in ids:
         raise BackendError("the tokenizer lacks <|vision_start|>, <|image_pad|> or <|vision_end|>")
     return [ids[0]] + [ids[1]] * n + [ids[2]], out
+
+
+def raw_prompt_inputs(processor: Any, messages: list[dict[str, Any]], images: Sequence[Any],
+                      supports_images: bool) -> Any:
+    """Prompt ids + the raw images, for backends whose server runs the image processor itself (vLLM, verl)."""
+    from medrwr.rollout.backends.base import MultimodalInputs, PromptInputs
+
+    ids, _ = render_chat(processor, messages, supports_images)
+    mm = MultimodalInputs(images=list(images), data={"image": list(images)}) if images else None
+    return PromptInputs(prompt_ids=ids, mm=mm)
+
+
+def raw_image_inputs(processor: Any, image: Any, supports_images: bool) -> tuple[list[int], Any]:
+    """One inserted image's placeholder ids + the raw image (CDIR), for the same backends."""
+    from medrwr.rollout.backends.base import MultimodalInputs
+
+    if not supports_images:
+        raise BackendError("CDIR inserts an image, which needs a vision-language model")
+    ids, _ = image_placeholder_ids(processor, image)
+    return ids, MultimodalInputs(images=[image], data={"image": [image]})

@@ -106,19 +106,14 @@ class VLLMBackend:
         return set(self._eos)
 
     def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
-        from medrwr.rollout.backends.processing import render_chat
+        from medrwr.rollout.backends.processing import raw_prompt_inputs
 
-        ids, _ = render_chat(self.processor, messages, self.supports_images)
-        mm = MultimodalInputs(images=list(images), data={"image": list(images)}) if images else None
-        return PromptInputs(prompt_ids=ids, mm=mm)
+        return raw_prompt_inputs(self.processor, messages, images, self.supports_images)
 
     def encode_image(self, image: Any) -> tuple[list[int], MultimodalInputs]:
-        from medrwr.rollout.backends.processing import image_placeholder_ids
+        from medrwr.rollout.backends.processing import raw_image_inputs
 
-        if not self.supports_images:
-            raise BackendError("CDIR inserts an image, which needs a vision-language model")
-        ids, _ = image_placeholder_ids(self.processor, image)
-        return ids, MultimodalInputs(images=[image], data={"image": [image]})
+        return raw_image_inputs(self.processor, image, self.supports_images)
 
     @staticmethod
     def _structured(grammar: Any) -> dict[str, Any]:
