@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-constrained", action="store_true", help="run only section 5 (constrained decoding)")
     ap.add_argument("--no-constrained", action="store_true", help="skip section 5 (constrained decoding)")
     ap.add_argument("--think", type=int, default=None,
-                    help="section 5: think-block cap in tokens (rollout.constrain_max_think_tokens; default 48)")
+                    help="section 5: think-block cap in tokens (default: rollout.constrain_max_think_tokens)")
     ap.add_argument("--modes", default="none,protocol", help="section 5: decodings to run (none,protocol)")
     ap.add_argument("--cache", action="store_true",
                     help="run only the KV-cache reuse benchmark (benchmarks/rollout_kv.py: RwR/plain, reuse on vs off)")
@@ -458,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(bench_policy("SmolLM2-135M-Instruct", smol, batch, rounds, think, do_plain=True))
     constrained = None
     if not args.no_constrained:
-        think_cap = args.think or 48  # 24 made SmolLM2 search on fewer than half of the questions
+        from medrwr.config import RolloutConfig
+
+        think_cap = args.think or RolloutConfig().constrain_max_think_tokens  # what `medrwr ask` uses
         constrained = bench_constrained(smol, args.questions, batch=10, think_tokens=think_cap,
                                         modes=tuple(args.modes.split(",")))
     del smol

@@ -95,7 +95,8 @@ def test_same_forced_ids_give_the_same_logprobs_and_top_n(text_lm):
                                   ["</query>"], [7, 5])
         outs[mode] = (first, second, backend)
     (f0, s0, _), (f1, s1, cached) = outs["off"], outs["on"]
-    assert cached.kv_cache.reused_tokens == len(p1) + len(f1.token_ids) - 1
+    shared = len(tok.encode("<|im_start|>user\n"))  # p2 shares its opening with row 1's kept key
+    assert cached.kv_cache.reused_tokens == len(p1) + len(f1.token_ids) - 1 + shared
     assert f1.token_ids == f0.token_ids
     for a, b in zip(s0, s1):
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
@@ -104,7 +105,7 @@ def test_same_forced_ids_give_the_same_logprobs_and_top_n(text_lm):
         assert np.allclose(b.top_logprobs, a.top_logprobs, atol=TOL, rtol=0)
 
 
-def test_ids_that_no_longer_extend_the_cache_fall_back(text_lm):
+def test_ids_that_diverge_from_a_kept_key_reuse_only_the_shared_prefix(text_lm):
     model, tok = text_lm
     prompt = tok.encode("<|im_start|>user\nHow does consolidation look?<|im_end|>\n<|im_start|>assistant\n")
     other = tok.encode("Lobar pneumonia.")
@@ -112,16 +113,44 @@ def test_ids_that_no_longer_extend_the_cache_fall_back(text_lm):
     backend = HFBackend(model, tok, temperature=0, kv_cache="on")
     out = backend.generate([GenerationState(prompt)], [], 6)[0]
     assert len(backend.kv_cache.entries) == 1
-    truncated = prompt[:-2] + other  # diverges before the end of the cached key: only a fresh prefill is exact
+    truncated = prompt[:-2] + other  # diverges before the end of the kept key: only the common part is reused
     got = backend.generate([GenerationState(truncated)], [], 6)[0]
-    assert backend.kv_cache.reused_tokens == 0
+    assert backend.kv_cache.reused_tokens == len(prompt) - 2
     want = ref.generate([GenerationState(truncated)], [], 6)[0]
     assert got.token_ids == want.token_ids and np.allclose(got.logprobs, want.logprobs, atol=TOL, rtol=0)
+    before = backend.kv_cache.reused_tokens
+    unrelated = tok.encode("Lobar pneumonia shows consolidation.")  # shares nothing: a fresh prefill
+    got = backend.generate([GenerationState(unrelated)], [], 4)[0]
+    assert backend.kv_cache.reused_tokens == before
+    want = ref.generate([GenerationState(unrelated)], [], 4)[0]
+    assert got.token_ids == want.token_ids and np.allclose(got.logprobs, want.logprobs, atol=TOL, rtol=0)
     shorter = prompt + out.token_ids[:2]  # a prefix of a kept key: all but its last token come from the cache
+    before = backend.kv_cache.reused_tokens
     got = backend.generate([GenerationState(shorter)], [], 4)[0]
-    assert backend.kv_cache.reused_tokens == len(shorter) - 1
+    assert backend.kv_cache.reused_tokens - before == len(shorter) - 1
     want = ref.generate([GenerationState(shorter)], [], 4)[0]
     assert got.token_ids == want.token_ids and np.allclose(got.logprobs, want.logprobs, atol=TOL, rtol=0)
+
+
+def test_a_cold_batch_prefills_its_shared_system_prompt_once(text_lm):
+    """Rows sharing a long prefix (the system prompt) reuse one single-row prefill of it; results are unchanged."""
+    model, tok = text_lm
+    system = "<|im_start|>system\nYou are a careful radiologist. Search before answering when unsure.<|im_end|>\n"
+    prompts = [tok.encode(system + f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+               for q in QUESTIONS]
+    shared = len(tok.encode(system + "<|im_start|>user\n"))
+    ref = HFBackend(model, tok, temperature=0, top_logprobs=2, kv_cache="off")
+    backend = HFBackend(model, tok, temperature=0, top_logprobs=2, kv_cache="on")
+    want = ref.generate([GenerationState(p) for p in prompts], [], 5)
+    got = backend.generate([GenerationState(p) for p in prompts], [], 5)
+    assert backend.kv_cache.shared_prefills == 1
+    assert backend.kv_cache.reused_tokens >= len(prompts) * (shared - 1)
+    for a, b in zip(want, got):
+        assert b.token_ids == a.token_ids
+        assert np.allclose(b.logprobs, a.logprobs, atol=TOL, rtol=0)
+        assert np.allclose(b.top_logprobs, a.top_logprobs, atol=TOL, rtol=0)
+    again = backend.generate([GenerationState(p) for p in prompts], [], 5)  # warm: no second shared prefill
+    assert backend.kv_cache.shared_prefills == 1 and [c.token_ids for c in again] == [c.token_ids for c in want]
 
 
 def test_store_is_capped_and_dropped_when_weights_change(text_lm):
@@ -145,7 +174,8 @@ def test_store_is_capped_and_dropped_when_weights_change(text_lm):
 
 
 def test_mode_is_checked_and_vlms_keep_the_uncached_path(text_lm, tiny_vlm_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """Qwen2.5-VL reuses the cache (tests/rollout/test_kv_cache_vl.py); other VLMs keep the uncached path."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     model, _ = text_lm
     assert supports_reuse(model) == (True, "")
@@ -154,6 +184,34 @@ def test_mode_is_checked_and_vlms_keep_the_uncached_path(text_lm, tiny_vlm_dir):
     with pytest.raises(BackendError, match="kv_cache must be auto, on or off"):
         resolve_kv_cache(model, "always", 0)
     vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm_dir).eval()
-    assert resolve_kv_cache(vlm, "auto", 0) is None
-    with pytest.raises(BackendError, match="vision-language"):
-        resolve_kv_cache(vlm, "on", 0)
+    assert supports_reuse(vlm) == (True, "")
+    assert resolve_kv_cache(vlm, "auto", 0).vl is not None
+    text = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": 0, "eos_token_id": 1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]}}
+    vision = {"depth": 1, "embed_dim": 16, "hidden_size": 16, "num_heads": 2, "mlp_ratio": 2}
+    qwen2_vl = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision)).eval()
+    assert resolve_kv_cache(qwen2_vl, "auto", 0) is None
+    with pytest.raises(BackendError, match="vision-language model type 'qwen2_vl'"):
+        resolve_kv_cache(qwen2_vl, "on", 0)
+
+
+def test_rows_of_unequal_length_are_prefilled_alone_then_decoded_together(text_lm):
+    """A short and a long prompt: each is prefilled on its own (no padding computed), the batch decodes together,
+    and ids, log-probs and top-n equal the uncached path's; the own prefills are not counted as reuse."""
+    model, tok = text_lm
+    long_q = "Describe " + " ".join(["the pleural line and the lung markings"] * 12) + "?"
+    prompts = [tok.encode(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n") for q in ("Q?", long_q)]
+    ref = HFBackend(model, tok, temperature=0, top_logprobs=3, kv_cache="off")
+    backend = HFBackend(model, tok, temperature=0, top_logprobs=3, kv_cache="on")
+    want = ref.generate([GenerationState(p) for p in prompts], [], 6)
+    got = backend.generate([GenerationState(p) for p in prompts], [], 6)
+    assert backend.kv_cache.row_prefills == 2
+    assert backend.kv_cache.reused_tokens == 0  # nothing was in the store; own prefills are not reuse
+    for a, b in zip(want, got):
+        assert b.token_ids == a.token_ids
+        assert np.allclose(b.logprobs, a.logprobs, atol=TOL, rtol=0)
+        assert np.array_equal(b.top_ids, a.top_ids)
+        assert np.allclose(b.top_logprobs, a.top_logprobs, atol=TOL, rtol=0)
+    same = backend.generate([GenerationState(p) for p in (prompts[0], prompts[0])], [], 3)  # equal rows: batched
+    assert backend.kv_cache.row_prefills == 2 and same[0].token_ids == same[1].token_ids

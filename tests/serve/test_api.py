@@ -82,12 +82,15 @@ def engine(tiny_vlm_dir, tmp_path_factory):
         ["<think>It fits.</think>\n<answer>", FREE(1, letters), "</answer>"],
     ]
 
-    slow_think = "<think>slow " + " ".join(["step by step"] * 40) + "</think>\n"
+    slow_think = "<think>slow " + " ".join(["step by step"] * 25) + "</think>\n"
     slow = [slow_think + "<query>pneumonia</query>\n", slow_think + "<query>consolidation</query>\n",
-            slow_think + "<answer>A</answer>"]
+            slow_think + "<query>air bronchogram</query>\n", slow_think + "<answer>A</answer>"]
+    quick = ["<think>Quick.</think>\n<answer>A</answer>"]
 
     def choose(prompt: str):
-        return [LONG_THINK] if "LONG" in prompt else slow if "SLOW" in prompt else normal
+        if "LONG" in prompt:
+            return [LONG_THINK]
+        return slow if "SLOW" in prompt else quick if "QUICK" in prompt else normal
 
     backend = HFBackend(model, proc, logits_processors=[ForcedTranscript(tok, choose=choose)], temperature=0)
     eng = RolloutEngine(backend, retriever, RolloutConfig(max_new_tokens_per_turn=512, max_total_new_tokens=512), k=2,
@@ -280,8 +283,8 @@ def test_client_leaving_mid_stream_stops_its_row(server, engine):
 
 
 def test_a_request_arriving_mid_batch_joins_it_at_a_turn_boundary(server, engine):
-    """Continuous batching: a request sent while a 3-turn rollout runs joins that engine batch (one run call
-    returns both traces) and is answered before the long rollout ends."""
+    """Continuous batching: a one-turn request sent during the first turn of a 4-turn rollout joins that engine
+    batch at a turn boundary (one run call returns both traces) and is answered before the long rollout ends."""
     events: list[str] = []
     started = threading.Event()
 
@@ -296,13 +299,13 @@ def test_a_request_arriving_mid_batch_joins_it_at_a_turn_boundary(server, engine
     t = threading.Thread(target=slow)
     t.start()
     assert started.wait(60), "the slow rollout never streamed a token"
-    r = _client(server).chat.completions.create(model="tiny-vlm", messages=_user())
+    r = _client(server).chat.completions.create(model="tiny-vlm", messages=_user("QUICK question?\nA. x\nB. y"))
     events.append("short done")
     t.join(120)
-    assert r.choices[0].message.content in list("ABCD")
+    assert r.choices[0].message.content == "A"
     assert events == ["short done", "slow done"]
     joint = [out for out in engine.runs if any(x.completion_text.startswith("<think>slow") for x in out)][-1]
-    assert any(x.completion_text.startswith("<think>Opacity") for x in joint), "the short request ran on its own"
+    assert any(x.completion_text.startswith("<think>Quick") for x in joint), "the short request ran on its own"
 
 
 # ------------------------------------------------------------------------------------------ limits

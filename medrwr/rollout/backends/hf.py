@@ -9,15 +9,16 @@
   the raw logits at each step; it keeps each row's log-normaliser, the log-probabilities of the watched ids
   (the option letters) and optionally the top-N, and reads the sampled token's log-probability one step later.
   No ``[steps, batch, vocab]`` tensor is kept (``output_logits`` would need gigabytes on a 151k vocabulary).
-* **Images on every turn.** Each call re-supplies every image of a row (``pixel_values``, ``image_grid_thw``)
-  together with ``mm_token_type_ids``, which transformers 5 needs to compute Qwen2.5-VL's M-RoPE positions.
+* **Images on every turn** (uncached). Each call re-supplies every image of a row (``pixel_values``, ``image_grid_thw``)
+  with ``mm_token_type_ids``, which transformers 5 needs to compute Qwen2.5-VL's M-RoPE positions.
 * **Sampling settings are explicit.** Fields left unset in a ``GenerationConfig`` are filled from the
   checkpoint's (Qwen2.5-VL ships ``top_k=1, repetition_penalty=1.05``), so every knob is set here.
 * **Constrained decoding** (``constraints=``, :mod:`medrwr.rollout.constrain`): a grammar processor placed
   right after the recorder masks each constrained row to the tokens its turn grammar allows (one llguidance
   matcher per row, fresh every call). The recorder still sees the raw logits, so the recorded log-probabilities
   stay the model's own (``constrained_logprobs = "raw"``). Without constraints nothing changes.
-* **KV-cache reuse** (``kv_cache=``, :mod:`.kv_cache`): rows continue from their previous turn's keys/values.
+* **KV-cache reuse** (``kv_cache=``, :mod:`.kv_cache`, :mod:`.kv_cache_vl`): rows continue from their kept
+  keys/values; a VLM then gets only the images not yet cached, with M-RoPE positions passed explicitly.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from medrwr.rollout.backends.base import (
     find_stop,
     per_row_budgets,
 )
+from medrwr.rollout.backends.attention import use_grouped_sdpa
 from medrwr.rollout.backends.kv_cache import resolve_kv_cache
 from medrwr.rollout.backends.policy_cache import (
     cache_writable,
@@ -350,7 +352,9 @@ class HFBackend:
         if max(budgets) == 0:
             return [Continuation([], [], "length") for _ in states]
         batch = self._batch(states)
-        turn = None if self.kv_cache is None else self.kv_cache.prepare([s.ids for s in states], batch)
+        turn = None
+        if self.kv_cache is not None:
+            turn = self.kv_cache.prepare([s.ids for s in states], batch, [s.mm for s in states])
         width = batch["input_ids"].shape[1]
         device = self.device
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -364,7 +368,7 @@ class HFBackend:
         processors = [recorder]
         if constraints is not None and any(g is not None for g in constraints):
             processors.append(self._grammar_processor(constraints, len(states), width, stops))
-        processors.extend(self.logits_processors)
+        processors.extend(self.logits_processors if turn is None else turn.wrap(self.logits_processors))
         if self.seed is not None:  # reproducible, but a fresh stream per call (turns and steps must not repeat)
             torch.manual_seed(self.seed + self.forward_calls)
         with torch.inference_mode():
@@ -465,7 +469,9 @@ def load_hf_policy(
     if converted:
         if not cache_writable(path):  # read-only cache: parse the GGUF file (slow, every run)
             model, tok = load_gguf_directly(path)
-            return HFBackend(model.to(device).eval(), tok, **backend_kwargs)
+            model = model.to(device).eval()
+            use_grouped_sdpa(model)
+            return HFBackend(model, tok, **backend_kwargs)
         source = str(convert_gguf_policy(path, progress=progress))
     elif path.exists():
         source = str(path)
@@ -493,4 +499,6 @@ def load_hf_policy(
             processor = load_tokenizer(source)
     if converted and device == "cpu":
         into_own_memory(model)  # exactly the GGUF-loaded model's log-probs (moving to a GPU copies anyway)
-    return HFBackend(model.to(device).eval(), processor, **backend_kwargs)
+    model = model.to(device).eval()
+    use_grouped_sdpa(model)  # CPU: no key/value copies per decode step in padded batches (.attention)
+    return HFBackend(model, processor, **backend_kwargs)

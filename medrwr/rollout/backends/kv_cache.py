@@ -5,9 +5,16 @@ Without it every turn re-reads the whole transcript: prompt + everything written
 * **Keep.** After each ``generate`` call every row's keys/values are sliced out of the batch cache (padding
   dropped) and kept in a small LRU store, keyed by the exact ids they cover: the ids fed plus the new tokens
   except the last one (the last sampled token was never fed). The store is capped by total tokens.
-* **Reuse.** The next call looks up, per row, an entry whose key is a prefix of the row's ids (next turn =
-  previous ids + output + the inserted retrieve block), or whose key the ids are a prefix of. At most
-  ``len(ids) - 1`` cached tokens are used, so at least one token is fed and its logits come fresh.
+* **Reuse.** The next call looks up, per row, the entry sharing the longest prefix with the row's ids: the next
+  turn (previous ids + output + the inserted retrieve block) extends its own entry, and a new request shares the
+  system prompt with every earlier one. Keys/values of a shared prefix are exact for any continuation (causal
+  attention, positions from 0). At most ``len(ids) - 1`` cached tokens are used, so at least one token is fed and
+  its logits come fresh.
+* **Shared prefix.** Rows of one call that share a prefix of at least ``SHARED_PREFIX_MIN`` tokens not yet in the
+  store (the system prompt of a cold batch) get it prefilled once, as one row, before the batch reuses it.
+* **Rows of unequal length** (text models): when a padded batch would mostly compute padding, each row's
+  uncached ids are prefilled on their own first (compute-bound prefill then costs the sum of the rows, not
+  rows x longest), and the batch decodes together from the kept keys.
 * **Middle-padded batch.** Row ``b``'s mask becomes ``[0 pad1][1 cached_b][0 pad2][1 new_b]`` with
   ``pad1 + len(cached_b) = C`` for all rows. ``generate`` gets that mask, a ``DynamicCache`` of length ``C`` and
   the usual left-padded ids (the row's ids end-aligned, so logits processors see what they see uncached), and
@@ -19,9 +26,9 @@ Without it every turn re-reads the whole transcript: prompt + everything written
 * **Weights changed?** Entries are dropped when any parameter was modified in place since they were made
   (``tensor._version``: optimizer steps, ``load_state_dict``), so training never reads stale keys.
 
-Only for text-only decoder models whose positions follow that cumsum rule and whose cache is all full-attention
-``DynamicLayer`` s (:func:`supports_reuse`: llama, qwen2, qwen3, mistral families). Qwen2.5-VL's M-RoPE positions
-(``get_rope_index``, ``rope_deltas``) are not continued here, so VLMs keep the uncached path (``auto`` = off).
+For text decoder models whose positions follow that cumsum rule and whose cache is all full-attention
+``DynamicLayer`` s (:func:`supports_reuse`: llama, qwen2, qwen3, mistral families), and for Qwen2.5-VL, whose
+M-RoPE positions, image-aware keys and fed images :mod:`.kv_cache_vl` handles (rows with video fall back).
 Checked against transformers 5.10 (``generation/utils.py``, ``cache_utils.py``).
 """
 
@@ -34,12 +41,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from medrwr.errors import BackendError
+from medrwr.rollout.backends.kv_cache_vl import VL_MODEL_TYPES, ShownIds, VLReuse
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KVCacheMode", "Prepared", "TurnKVCache", "resolve_kv_cache", "supports_reuse"]
 
 KVCacheMode = Literal["auto", "on", "off"]
+SHARED_PREFIX_MIN = 16
+"""Shortest common prefix of a call's rows worth one extra single-row forward."""
+ROW_PREFILL_MIN = 8
+ROW_PREFILL_WASTE = 0.75
+"""Rows are prefilled alone when their uncached tokens are < 75% of a padded batch's (and one has >= 8)."""
 REUSE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 """Decoder families checked to take positions from the attention mask's cumsum in ``generate``."""
 
@@ -53,10 +66,14 @@ def _torch():
 def supports_reuse(model: Any) -> tuple[bool, str]:
     """Whether cached turns are exact for this model, and why not when they are not."""
     config = getattr(model, "config", None)
-    if config is None or hasattr(config, "vision_config"):
-        return False, "vision-language models (M-RoPE positions) keep the uncached path"
-    if getattr(config, "model_type", None) not in REUSE_MODEL_TYPES:
-        return False, f"model type {getattr(config, 'model_type', None)!r} is not one of {sorted(REUSE_MODEL_TYPES)}"
+    kind = getattr(config, "model_type", None)
+    if config is None or (hasattr(config, "vision_config") and kind not in VL_MODEL_TYPES):
+        return False, (f"vision-language model type {kind!r} keeps the uncached path (M-RoPE positions are rebuilt "
+                       f"only for {sorted(VL_MODEL_TYPES)})")
+    if kind in VL_MODEL_TYPES and not hasattr(getattr(model, "model", None), "get_rope_index"):
+        return False, f"model type {kind!r} without model.get_rope_index (needed for its M-RoPE positions)"
+    if kind not in REUSE_MODEL_TYPES | VL_MODEL_TYPES:
+        return False, f"model type {kind!r} is not one of {sorted(REUSE_MODEL_TYPES | VL_MODEL_TYPES)}"
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -95,6 +112,14 @@ class Prepared:
     """Cached tokens used per row."""
     used: list[tuple[int, ...]] = field(default_factory=list)
     """Entries extended this call (dropped once the longer ones are kept)."""
+    keys: list[tuple[int, ...]] = field(default_factory=list)
+    """Each row's store key (its ids; for a VLM with image placeholders named by image)."""
+    shown: Any = None
+    """The ids logits processors see where they differ from the fed ``input_ids`` (VLM gap placeholders)."""
+
+    def wrap(self, processors: Sequence[Any]) -> list[Any]:
+        """``processors`` as they run on this call: shown the row ids an uncached call would show."""
+        return list(processors) if self.shown is None else [ShownIds(p, self.shown) for p in processors]
 
 
 class TurnKVCache:
@@ -110,6 +135,12 @@ class TurnKVCache:
         self.tokens = 0
         self.reused_tokens = 0
         """Tokens not re-read thanks to the store (all calls so far)."""
+        self.shared_prefills = 0
+        """Common prefixes prefilled once for a batch (all calls so far)."""
+        self.row_prefills = 0
+        """Rows prefilled on their own before a batch of unequal lengths (all calls so far)."""
+        self.vl = VLReuse(model) if getattr(model.config, "model_type", None) in VL_MODEL_TYPES else None
+        """M-RoPE positions, image keys and fed images for a VLM (:mod:`.kv_cache_vl`)."""
         self._weights = self._weights_version()
 
     def _weights_version(self) -> tuple[int, int]:
@@ -120,37 +151,110 @@ class TurnKVCache:
         self.tokens = 0
 
     def _lookup(self, ids: tuple[int, ...]) -> tuple[tuple[int, ...] | None, int]:
+        """The entry sharing the longest prefix with ``ids`` and how many of its tokens to use (<= len(ids) - 1)."""
         best: tuple[tuple[int, ...] | None, int] = (None, 0)
         for key in self.entries:
-            if len(key) <= len(ids) and ids[: len(key)] == key:
-                n = min(len(key), len(ids) - 1)
-            elif len(key) > len(ids) and key[: len(ids)] == ids:
-                n = len(ids) - 1
-            else:
-                continue
+            n = min(_common_prefix(key, ids), len(ids) - 1)
+            if self.vl is not None:
+                n = self.vl.cut(ids, n)
             if n > best[1]:
                 best = (key, n)
         return best
 
-    def prepare(self, rows: Sequence[Sequence[int]], batch: dict[str, Any]) -> Prepared | None:
+    def _prefill_shared_prefix(self, keys: Sequence[tuple[int, ...]], hits: Sequence[int], row: Sequence[int],
+                               mm: Any) -> bool:
+        """Prefill the rows' common prefix once (one row) when it is long and the store lacks it; True if it did.
+
+        ``row``/``mm``: the first row's ids and images (the prefix's real ids; images in it are whole)."""
+        torch = _torch()
+        from transformers import DynamicCache
+
+        shared = keys[0][: min(_common_prefix(keys[0], k) for k in keys[1:])] if len(keys) > 1 else ()
+        shared = shared[: min(len(k) for k in keys) - 1]
+        if self.vl is not None:
+            shared = shared[: self.vl.cut(keys[0], len(shared))]
+        if len(shared) - min(hits) < SHARED_PREFIX_MIN:
+            return False
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            if self.vl is not None:
+                self.vl.prefill(row[: len(shared)], mm, cache)
+            else:
+                self.model(input_ids=torch.as_tensor([shared], device=self.model.device), past_key_values=cache,
+                           use_cache=True)
+        self.entries[shared] = [(layer.keys, layer.values) for layer in cache.layers]
+        self.tokens += len(shared)
+        self.shared_prefills += 1
+        return True
+
+    def _prefill_rows_alone(self, keys: Sequence[tuple[int, ...]], found: Sequence[tuple[Any, int]]) -> bool:
+        """Prefill each row's uncached ids (all but the last) on its own, extending its entry, when one padded
+        batch would mostly compute padding (rows of very different lengths); True if it did.
+
+        Prefill is compute-bound on a CPU: a padded batch costs ``rows x longest`` tokens, rows alone cost the
+        sum of their lengths. The batch then decodes together from the kept keys (each row feeds one token)."""
+        torch = _torch()
+        from transformers import DynamicCache
+
+        todo = [len(k) - n - 1 for k, (_, n) in zip(keys, found)]
+        if len(keys) < 2 or max(todo) < ROW_PREFILL_MIN or sum(todo) >= ROW_PREFILL_WASTE * len(keys) * max(todo):
+            return False
+        consumed = set()
+        for key, (entry, n), m in zip(keys, found, todo):
+            if m < ROW_PREFILL_MIN:
+                continue
+            past = [(k[:, :, :n], v[:, :, :n]) for k, v in self.entries[entry]] if n else None
+            cache = DynamicCache(ddp_cache_data=past, config=self.model.config) if past else \
+                DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.as_tensor([key[n:-1]], device=self.model.device), past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+            self.row_prefills += 1
+            if entry is not None and n == len(entry):
+                consumed.add(entry)
+            target = key[:-1]
+            if target not in self.entries:
+                self.tokens += len(target)
+            self.entries[target] = [(layer.keys, layer.values) for layer in cache.layers]
+        for entry in consumed - set(keys):  # extended by every row that used it: the longer entries replace it
+            if entry in self.entries:
+                del self.entries[entry]
+                self.tokens -= len(entry)
+        return True
+
+    def prepare(self, rows: Sequence[Sequence[int]], batch: dict[str, Any],
+                mms: Sequence[Any] | None = None) -> Prepared | None:
         """Rewrite ``batch``'s ``input_ids``/``attention_mask`` into the middle-padded layout; return the cache.
 
-        None (the uncached path) for image batches and for a model in training mode (gradient checkpointing
-        drops ``past_key_values`` there)."""
+        ``mms``: each row's images (``GenerationState.mm``; a VLM needs them). None (the uncached path) for a
+        model in training mode (gradient checkpointing drops ``past_key_values`` there), images on a model
+        without :mod:`.kv_cache_vl` support, and rows whose images cannot be keyed (video, out of step)."""
         torch = _torch()
         from transformers import DynamicCache
 
         if self._weights_version() != self._weights:
             self.clear()
             self._weights = self._weights_version()
-        if self.model.training or "pixel_values" in batch:
+        if self.model.training or ("pixel_values" in batch and self.vl is None):
             return None
-        keys = [tuple(int(t) for t in r) for r in rows]
+        mms = list(mms) if mms is not None else [None] * len(rows)
+        keys = [tuple(int(t) for t in r) for r in rows] if self.vl is None else self.vl.keys(rows, mms)
+        if keys is None:
+            return None
         found = [self._lookup(k) for k in keys]
         hits = [n for _, n in found]
+        if self._prefill_shared_prefix(keys, hits, rows[0], mms[0]):
+            found = [self._lookup(k) for k in keys]
+            hits = [n for _, n in found]
+        reused = sum(hits)
+        if self.vl is None and self._prefill_rows_alone(keys, found):
+            found = [self._lookup(k) for k in keys]
+            hits = [n for _, n in found]
         config = self.model.config
         if not any(hits):
-            return Prepared(DynamicCache(config=config), batch["attention_mask"].clone(), hits, [])
+            if self.vl is not None:
+                self.vl.finish(batch, rows, mms, hits, self.pad_token_id)
+            return Prepared(DynamicCache(config=config), batch["attention_mask"].clone(), hits, [], keys)
         c = max(hits)
         width = c + max(len(k) - n for k, n in zip(keys, hits))
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -161,7 +265,7 @@ class TurnKVCache:
             shape = (len(rows), k0.shape[1], c, k0.shape[3])
             layers.append((k0.new_zeros(shape), v0.new_zeros(shape)))
         for b, (key, (entry, n)) in enumerate(zip(keys, found)):
-            ids[b, width - len(key) :] = torch.as_tensor(key)
+            ids[b, width - len(key) :] = torch.as_tensor([int(t) for t in rows[b]])
             mask[b, c - n : c] = 1
             mask[b, width - (len(key) - n) :] = 1
             if n:
@@ -170,9 +274,10 @@ class TurnKVCache:
                     kb[b, :, c - n : c] = ke[0, :, :n]
                     vb[b, :, c - n : c] = ve[0, :, :n]
         batch["input_ids"], batch["attention_mask"] = ids, mask
-        self.reused_tokens += sum(hits)
+        shown = None if self.vl is None else self.vl.finish(batch, rows, mms, hits, self.pad_token_id)
+        self.reused_tokens += reused
         used = [e for e, n in found if e is not None and n == len(e)]
-        return Prepared(DynamicCache(ddp_cache_data=layers, config=config), mask.clone(), hits, used)
+        return Prepared(DynamicCache(ddp_cache_data=layers, config=config), mask.clone(), hits, used, keys, shown)
 
     def keep(self, prep: Prepared, rows: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> None:
         """Store each row's keys/values for its ids + all but the last new token (the last was never fed)."""
@@ -188,7 +293,7 @@ class TurnKVCache:
                 self.tokens -= len(e)
         for b, (row, out) in enumerate(zip(rows, outputs)):
             fed = max(len(out) - 1, 0)
-            key = tuple(int(t) for t in row) + tuple(int(t) for t in out[:fed])
+            key = (prep.keys[b] if prep.keys else tuple(int(t) for t in row)) + tuple(int(t) for t in out[:fed])
             if len(key) > self.max_tokens or width + fed > length:
                 continue
             cols = torch.cat([prep.mask[b].nonzero().flatten(), torch.arange(width, width + fed)])
@@ -206,3 +311,17 @@ class TurnKVCache:
         while self.tokens > self.max_tokens and self.entries:
             old, _ = self.entries.popitem(last=False)
             self.tokens -= len(old)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two id tuples (binary search over C-speed slice comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo] always; a[:hi + 1] != b[:hi + 1] once hi has moved
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
