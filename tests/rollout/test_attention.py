@@ -27,7 +27,7 @@ def test_grouped_sdpa_matches_sdpa_on_a_padded_gqa_batch(tiny_lm_dir, tiny_vlm_d
         model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, attn_implementation="sdpa").eval()
         assert model.config.num_key_value_heads < model.config.num_attention_heads
         if grouped:
-            assert use_grouped_sdpa(model)
+            assert use_grouped_sdpa(model) is model
         assert (model.config._attn_implementation == NAME) is grouped
         backend = HFBackend(model, tok, temperature=0, top_logprobs=3, kv_cache="off")
         outs.append(backend.generate([GenerationState(p) for p in prompts], [], 8))
@@ -36,4 +36,4 @@ def test_grouped_sdpa_matches_sdpa_on_a_padded_gqa_batch(tiny_lm_dir, tiny_vlm_d
         assert np.allclose(b.logprobs, a.logprobs, atol=1e-6, rtol=0)
         assert np.allclose(b.top_logprobs, a.top_logprobs, atol=1e-6, rtol=0)
     vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm_dir).eval()
-    assert use_grouped_sdpa(vlm) is False  # vision-language models keep transformers' attention
+    assert use_grouped_sdpa(vlm).config._attn_implementation != NAME  # VLMs keep transformers' attention

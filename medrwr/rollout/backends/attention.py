@@ -33,13 +33,14 @@ def grouped_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attent
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_grouped_sdpa(model: Any) -> bool:
-    """Switch ``model`` (a text decoder on the CPU using ``sdpa``) to :func:`grouped_sdpa_attention`; True if done."""
+def use_grouped_sdpa(model: Any) -> Any:
+    """Switch ``model`` (a text decoder on the CPU using ``sdpa``) to :func:`grouped_sdpa_attention` where it
+    applies; returns the model. ``model.config._attn_implementation`` tells which it uses."""
     config = getattr(model, "config", None)
     if config is None or hasattr(config, "vision_config") or getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
+        return model
     if getattr(model, "device", None) is None or model.device.type != "cpu":
-        return False
+        return model
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -49,5 +50,4 @@ def use_grouped_sdpa(model: Any) -> bool:
         model.set_attn_implementation(NAME)
     except (ValueError, KeyError) as exc:  # a model that refuses custom attention keeps sdpa
         logger.info("keeping sdpa attention: %s", exc)
-        return False
-    return True
+    return model

@@ -469,9 +469,7 @@ def load_hf_policy(
     if converted:
         if not cache_writable(path):  # read-only cache: parse the GGUF file (slow, every run)
             model, tok = load_gguf_directly(path)
-            model = model.to(device).eval()
-            use_grouped_sdpa(model)
-            return HFBackend(model, tok, **backend_kwargs)
+            return HFBackend(use_grouped_sdpa(model.to(device).eval()), tok, **backend_kwargs)
         source = str(convert_gguf_policy(path, progress=progress))
     elif path.exists():
         source = str(path)
@@ -499,6 +497,4 @@ def load_hf_policy(
             processor = load_tokenizer(source)
     if converted and device == "cpu":
         into_own_memory(model)  # exactly the GGUF-loaded model's log-probs (moving to a GPU copies anyway)
-    model = model.to(device).eval()
-    use_grouped_sdpa(model)  # CPU: no key/value copies per decode step in padded batches (.attention)
-    return HFBackend(model, processor, **backend_kwargs)
+    return HFBackend(use_grouped_sdpa(model.to(device).eval()), processor, **backend_kwargs)
