@@ -14,11 +14,9 @@ CDIR needs an image, and SmolLM2 is text-only (the rows would be ``rwr``'s). Als
 and the one-at-a-time runs give the same answer (greedy; padding may change a near-tie) and their accuracies.
 Records the torch thread count (``--threads``, default 1).
 
-What to expect on CPU: the policy runs float32 on one thread, where even decoding is compute-bound (a step for 8
-rows costs ~3-4x a step for one), and the prompts (system prompt, question, options; ``rag`` adds documents)
-are long next to the short constrained answers, so prefill dominates and batching cannot amortise it. Measured
-on 2 shared cores: 1.5x (direct), 1.0x (rag), 1.75x (rwr) at batch 16; 1.76x at batch 8 with 128-token
-thinking. The large batched gains come from the GPU backend (vLLM), where a batch step costs about one row's.
+What to expect on CPU (2 shared cores, 1 thread, --quick): direct 3.9x, rag 2.0x, rwr 2.7x. Prefill is
+compute-bound and costs the same batched or not (the KV store shares the system prompt across items in both
+arms); decoding batches well (a 16-row step costs ~4x a 1-row step). docs/evaluation.md, "Throughput".
 """
 
 from __future__ import annotations
