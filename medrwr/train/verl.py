@@ -44,11 +44,10 @@ from medrwr.rollout.backends.base import (
     Continuation,
     FinishReason,
     GenerationState,
-    MultimodalInputs,
-    PromptInputs,
     find_stop,
     per_row_budgets,
 )
+from medrwr.rollout.backends.processing import RawImagePrompts
 from medrwr.train.verl_data import AGENT_NAME
 from medrwr.train.verl_reward import IMAGES_KEY, TRACE_KEY
 
@@ -60,7 +59,7 @@ ROLLOUT_THREADS = 256
 __all__ = ["AGENT_NAME", "MedRwRAgentLoop", "ServerClientBackend", "chat_messages", "worst_case_response_length"]  # noqa: F822
 
 
-class ServerClientBackend:
+class ServerClientBackend(RawImagePrompts):
     """A :class:`~medrwr.rollout.backends.base.PolicyBackend` over verl's async server client.
 
     ``generate`` is called from the engine's worker thread and runs the requests on ``loop`` (one per row,
@@ -86,20 +85,6 @@ class ServerClientBackend:
         self._eos = eos
         self.calls = 0
         self._session = uuid.uuid4().hex  # one per rollout: verl routes a request id to one server (prefix cache)
-
-    def eos_token_ids(self) -> set[int]:
-        return set(self._eos)
-
-    def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
-        """The chat template's ids (for a VLM ``processor.apply_chat_template(..., tokenize=True)``, as TRL)."""
-        from medrwr.rollout.backends.processing import raw_prompt_inputs
-
-        return raw_prompt_inputs(self.processor, messages, images, self.supports_images)
-
-    def encode_image(self, image: Any) -> tuple[list[int], MultimodalInputs]:
-        from medrwr.rollout.backends.processing import raw_image_inputs
-
-        return raw_image_inputs(self.processor, image, self.supports_images)
 
     def _params(self, stop: Sequence[str], budget: int) -> dict[str, Any]:
         params = {**self.sampling_params, "stop": list(stop), "max_tokens": budget, "logprobs": True}

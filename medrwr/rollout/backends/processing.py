@@ -223,6 +223,26 @@ def image_placeholder_ids(processor: Any, image: Any) -> tuple[list[int], Any]:
     return [ids[0]] + [ids[1]] * n + [ids[2]], out
 
 
+class RawImagePrompts:
+    """``eos_token_ids``, ``prepare_prompt`` and ``encode_image`` for backends whose server runs the image
+    processor itself (vLLM, verl): prompt ids from the chat template, images passed on raw. Needs
+    ``self.processor``, ``self.supports_images`` and ``self._eos``."""
+
+    processor: Any
+    supports_images: bool
+    _eos: set[int]
+
+    def eos_token_ids(self) -> set[int]:
+        return set(self._eos)
+
+    def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> Any:
+        """The chat template's ids (for a VLM ``processor.apply_chat_template(..., tokenize=True)``, as TRL)."""
+        return raw_prompt_inputs(self.processor, messages, images, self.supports_images)
+
+    def encode_image(self, image: Any) -> tuple[list[int], Any]:
+        return raw_image_inputs(self.processor, image, self.supports_images)
+
+
 def raw_prompt_inputs(processor: Any, messages: list[dict[str, Any]], images: Sequence[Any],
                       supports_images: bool) -> Any:
     """Prompt ids + the raw images, for backends whose server runs the image processor itself (vLLM, verl)."""

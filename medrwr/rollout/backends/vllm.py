@@ -30,17 +30,16 @@ from medrwr.rollout.backends.base import (
     Continuation,
     FinishReason,
     GenerationState,
-    MultimodalInputs,
-    PromptInputs,
     per_row_budgets,
 )
+from medrwr.rollout.backends.processing import RawImagePrompts
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["VLLMBackend"]
 
 
-class VLLMBackend:
+class VLLMBackend(RawImagePrompts):
     """A ``vllm.LLM`` behind the :class:`PolicyBackend` interface; the processor renders prompts and images."""
 
     supports_constraints = True
@@ -101,19 +100,6 @@ class VLLMBackend:
             pass
         eos = gc_eos if isinstance(gc_eos, (list, tuple)) else ([gc_eos] if gc_eos is not None else [])
         return cls(llm, processor, temperature=temperature, top_p=top_p, seed=seed, eos_token_ids=eos)
-
-    def eos_token_ids(self) -> set[int]:
-        return set(self._eos)
-
-    def prepare_prompt(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> PromptInputs:
-        from medrwr.rollout.backends.processing import raw_prompt_inputs
-
-        return raw_prompt_inputs(self.processor, messages, images, self.supports_images)
-
-    def encode_image(self, image: Any) -> tuple[list[int], MultimodalInputs]:
-        from medrwr.rollout.backends.processing import raw_image_inputs
-
-        return raw_image_inputs(self.processor, image, self.supports_images)
 
     @staticmethod
     def _structured(grammar: Any) -> dict[str, Any]:
