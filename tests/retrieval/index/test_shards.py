@@ -210,8 +210,10 @@ def ray_sandbox(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_serve_two_shards_equal_unsharded(shard_dirs, unsharded, loopback_server, ray_sandbox):
+def test_ray_serve_two_shards_equal_unsharded(shard_dirs, unsharded, loopback_server, ray_sandbox, monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'medrwr[ray]'")
+    # Ray waits ~20 s for its GCS server by default; on a loaded 2-core CI box it can need longer.
+    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "120")
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'medrwr[ray]'")
     from ray import serve
 
