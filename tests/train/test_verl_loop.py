@@ -10,9 +10,14 @@ import asyncio
 import numpy as np
 import pytest
 
-pytest.importorskip("verl.experimental.agent_loop", reason="verl 0.9.1 is not installed (see docs/scaling.md)")
+from tests.train.conftest import mcq_rows, train_config
 
-from tests.train.conftest import mcq_rows, train_config  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def _verl():
+    """verl is imported when these tests run, not at collection: it imports Ray, which reads its settings once
+    per process (the Ray Serve shard test sets its own for a local cluster)."""
+    pytest.importorskip("verl.experimental.agent_loop", reason="verl 0.9.1 is not installed (see docs/scaling.md)")
 
 SCRIPT = ["<think>need facts</think><query>pneumonia fever</query>", "<think>read them</think><answer>A</answer>"]
 VERL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
@@ -90,13 +95,12 @@ def _agent(proc, cfg_sets, server, response_length=512):
 def _verl_row(dataset, tmp_path, processor, tokenizer, monkeypatch):
     """Row 0 of our converter's parquet as verl's own RLHFDataset hands it to an agent loop."""
     import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from omegaconf import OmegaConf
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
     from medrwr.train.verl_data import verl_rows
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     path = tmp_path / "train.parquet"

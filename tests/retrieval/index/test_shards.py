@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,9 +195,12 @@ def ray_sandbox(monkeypatch):
     home_ray = Path.home() / ".ray"
     before = {p: p.stat().st_mtime_ns for p in home_ray.rglob("*")} if home_ray.exists() else None
     monkeypatch.setenv("RAY_TMPDIR", str(root))
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    if "ray._raylet" in sys.modules:  # Ray already read its auth mode in this process: keep its processes agreeing
+        monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     mine = f"_{os.getpid()}"
     ours_before = {p.name for p in Path("/tmp/ray").glob(f"session_*{mine}")} if Path("/tmp/ray").is_dir() else set()
     try:
