@@ -299,11 +299,12 @@ def _rag_documents(engines: EvalEngines, records: list[EvalRecord]) -> list[dict
 def _prefetch_judge(llm: Any, records: list[EvalRecord], responses: list[str]) -> None:
     """Ask the LLM judge about every open, non-yes/no answer of a batch at once (its cache keeps the verdicts)."""
     from medrwr.eval.scoring import extract_answer
+    from medrwr.eval.scoring.presets import llm_judged
 
     items = []
     for r, response in zip(records, responses):
         text, _ = extract_answer(response)
-        if r.answer_type != "mcq" and not r.is_yes_no and text:
+        if llm_judged(r) and text:
             items.append((r.question, r.answer, text))
     llm.verdicts(list(dict.fromkeys(items)))  # repeated items: one call each
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from medrwr.eval.record import EvalRecord, Verdict
 
-__all__ = ["PRESETS", "Preset", "judge"]
+__all__ = ["PRESETS", "Preset", "judge", "llm_judged"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def llm_judged(record: EvalRecord) -> bool:
+    """Whether an LLM judge, when given, decides this item: open and non-yes/no closed answers."""
+    return record.answer_type != "mcq" and not record.is_yes_no
+
+
 def judge(record: EvalRecord, response: str | None, preset: str = "standard", *,
           fallback: str | None = None, rng: random.Random | None = None, llm_judge: Any = None) -> Verdict:
     """Score ``response`` to ``record`` under ``preset`` (a name in :data:`PRESETS`).
@@ -78,6 +83,6 @@ def judge(record: EvalRecord, response: str | None, preset: str = "standard", *,
         verdict = judge_llava_med(record, response)
     else:
         raise ValueError(f"unknown scoring preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    if llm_judge is not None and record.answer_type != "mcq" and not record.is_yes_no:
+    if llm_judge is not None and llm_judged(record):
         verdict = llm_judge.apply(record, response, verdict)
     return verdict

@@ -175,17 +175,35 @@ class TurnKVCache:
             shared = shared[: self.vl.cut(keys[0], len(shared))]
         if len(shared) - min(hits) < SHARED_PREFIX_MIN:
             return False
-        cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
-            if self.vl is not None:
+        if self.vl is not None:
+            cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
                 self.vl.prefill(row[: len(shared)], mm, cache)
-            else:
-                self.model(input_ids=torch.as_tensor([shared], device=self.model.device), past_key_values=cache,
-                           use_cache=True)
-        self.entries[shared] = [(layer.keys, layer.values) for layer in cache.layers]
-        self.tokens += len(shared)
+            self._put(shared, [(layer.keys, layer.values) for layer in cache.layers])
+        else:
+            self._put(shared, self._text_prefill(shared))
         self.shared_prefills += 1
         return True
+
+    def _text_prefill(self, ids: Sequence[int], past: list[tuple[Any, Any]] | None = None) -> list[tuple[Any, Any]]:
+        """Keys/values of ``ids`` (one row, after the cached ``past``), without computing their logits."""
+        torch = _torch()
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=past, config=self.model.config) if past else \
+            DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(input_ids=torch.as_tensor([list(ids)], device=self.model.device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _put(self, key: tuple[int, ...], layers: list[tuple[Any, Any]]) -> None:
+        """Store (or replace) the entry for ``key`` as the most recent, keeping the token count."""
+        if key in self.entries:
+            self.tokens -= len(key)
+        self.entries[key] = layers
+        self.entries.move_to_end(key)
+        self.tokens += len(key)
 
     def _prefill_rows_alone(self, keys: Sequence[tuple[int, ...]], found: Sequence[tuple[Any, int]]) -> bool:
         """Prefill each row's uncached ids (all but the last) on its own, extending its entry, when one padded
@@ -193,9 +211,6 @@ class TurnKVCache:
 
         Prefill is compute-bound on a CPU: a padded batch costs ``rows x longest`` tokens, rows alone cost the
         sum of their lengths. The batch then decodes together from the kept keys (each row feeds one token)."""
-        torch = _torch()
-        from transformers import DynamicCache
-
         todo = [len(k) - n - 1 for k, (_, n) in zip(keys, found)]
         if len(keys) < 2 or max(todo) < ROW_PREFILL_MIN or sum(todo) >= ROW_PREFILL_WASTE * len(keys) * max(todo):
             return False
@@ -204,18 +219,10 @@ class TurnKVCache:
             if m < ROW_PREFILL_MIN:
                 continue
             past = [(k[:, :, :n], v[:, :, :n]) for k, v in self.entries[entry]] if n else None
-            cache = DynamicCache(ddp_cache_data=past, config=self.model.config) if past else \
-                DynamicCache(config=self.model.config)
-            with torch.inference_mode():
-                self.model(input_ids=torch.as_tensor([key[n:-1]], device=self.model.device), past_key_values=cache,
-                           use_cache=True, logits_to_keep=1)
+            self._put(key[:-1], self._text_prefill(key[n:-1], past))
             self.row_prefills += 1
             if entry is not None and n == len(entry):
                 consumed.add(entry)
-            target = key[:-1]
-            if target not in self.entries:
-                self.tokens += len(target)
-            self.entries[target] = [(layer.keys, layer.values) for layer in cache.layers]
         for entry in consumed - set(keys):  # extended by every row that used it: the longer entries replace it
             if entry in self.entries:
                 del self.entries[entry]
@@ -303,11 +310,7 @@ class TurnKVCache:
             cols = cols.to(layers[0].keys.device)
             kept = [(layer.keys[b : b + 1].index_select(2, cols), layer.values[b : b + 1].index_select(2, cols))
                     for layer in layers]
-            if key in self.entries:
-                self.tokens -= len(key)
-            self.entries[key] = kept
-            self.entries.move_to_end(key)
-            self.tokens += len(key)
+            self._put(key, kept)
         while self.tokens > self.max_tokens and self.entries:
             old, _ = self.entries.popitem(last=False)
             self.tokens -= len(old)
