@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--modes", default="direct,rag,rwr")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded)")
+    ap.add_argument("--short", action="store_true",
+                    help="trimmed rollouts (think <= 24 tokens, 1 round, k=2, 160 inserted tokens) instead of the "
+                         "defaults of medrwr eval run")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="policy weights (model.dtype); bfloat16 needs a CPU with native bf16 to be fast")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     n = args.questions or (16 if args.quick else 48)
@@ -119,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     from medrwr.config import load_config
     from medrwr.rollout.backends import build_backend
 
-    overrides = [f"model.threads={args.threads}", "rollout.max_rounds=1", "rollout.constrain_max_think_tokens=24",
-                 "rollout.max_new_tokens_per_turn=64", "rollout.max_total_new_tokens=160", "retrieval.k=2",
-                 "rollout.max_inserted_tokens=160", "rollout.seed=0"]
+    overrides = [f"model.threads={args.threads}", f"model.dtype={args.dtype}", "rollout.seed=0"]
+    if args.short:  # the earlier, trimmed settings: short think blocks, one round, small documents
+        overrides += ["rollout.max_rounds=1", "rollout.constrain_max_think_tokens=24",
+                      "rollout.max_new_tokens_per_turn=64", "rollout.max_total_new_tokens=160", "retrieval.k=2",
+                      "rollout.max_inserted_tokens=160"]
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     backend = build_backend(cfg.model, cfg.rollout)

@@ -84,6 +84,7 @@ def build(args) -> Any:
     torch.set_num_threads(args.threads)
     cfg = Config()
     cfg.model.threads = args.threads
+    cfg.model.dtype = args.dtype
     cfg.rollout.max_rounds = 1
     cfg.rollout.constrain_max_think_tokens = args.think
     cfg.rollout.max_new_tokens_per_turn = args.max_tokens
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 and 8 users, shorter rollouts")
     ap.add_argument("--users", default=None, help="comma-separated concurrency levels (default 1,8,32)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="policy weights (model.dtype); bfloat16 needs a CPU with native bf16 to be fast")
     ap.add_argument("--think", type=int, default=None, help="longest think block, tokens (default 24; quick 12)")
     ap.add_argument("--max-tokens", type=int, default=None, help="model tokens per rollout (default 160; quick 96)")
     ap.add_argument("--out", default=str(RESULTS))

@@ -1,9 +1,11 @@
 """``medrwr eval run``: a benchmark through the rollout engine in each mode, batched, resumable, scored.
 
 :func:`run_eval` loads the items (``medrwr.eval.datasets.load``), then for each mode (:mod:`medrwr.eval.modes`)
-sends the unfinished items through ``engine.run`` ``eval.batch_size`` at a time, scores every trace
-(``medrwr.eval.scoring.judge``) and appends the batch to ``RUN_DIR/results.jsonl``
-(:class:`~medrwr.eval.results.ResultStore`: one write + fsync per batch). A rerun with the same ``RUN_DIR``
+sends the unfinished items through ``engine.run`` with up to ``eval.batch_size`` rows at once, scores every trace
+(``medrwr.eval.scoring.judge``) and appends finished items to ``RUN_DIR/results.jsonl``
+(:class:`~medrwr.eval.results.ResultStore`: one write + fsync per append). Modes without CDIR use continuous
+batching (a finished item's row is refilled at the next turn boundary, its result stored then); ``rwr_cdir``
+and text-level (``openai:``) policies go ``eval.batch_size`` items at a time. A rerun with the same ``RUN_DIR``
 skips every ``(id, mode)`` already stored, so a run killed at any point resumes without redoing or duplicating
 an item. ``RUN_DIR/run.json`` records what the run is (model, decoding, seeds, index manifest hash, data file
 hashes, preset); resuming with a different identity raises :class:`~medrwr.errors.EvalRunError` unless
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medrwr._io import sha256_file, write_json_atomic
+from medrwr._io import write_json_atomic
 from medrwr.config import Config
 from medrwr.errors import EvalRunError
+from medrwr.eval.identity import prepare_run_dir, run_identity
 from medrwr.eval.modes import expand_modes, question_text, rwr_view, system_for, trace_for_storage
 from medrwr.eval.record import EvalRecord
 from medrwr.eval.results import RUN_JSON, ResultStore
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EvalEngines", "Progress", "run_eval", "run_identity"]
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".pkl", ".txt", ".zip")
-_MAX_HASHED_FILES = 64
 _META_KEYS = ("modality", "question_type", "subject", "content_type", "medical_task", "body_part")
 
 
@@ -62,123 +61,21 @@ class Progress:
         return (self.total - self.done) / self.rate if self.rate > 0 else None
 
 
-# ---------------------------------------------------------------------- identity (run.json)
+class _Tally:
+    """Counts one mode's finished items and reports progress (items/s, ETA) after every stored append."""
 
+    def __init__(self, progress: Progress, on_progress: Callable[[Progress], None] | None):
+        self.progress, self.on_progress, self.t0 = progress, on_progress, time.perf_counter()
+        if on_progress:
+            on_progress(progress)
 
-def _data_files(path: Path) -> dict[str, str]:
-    if path.is_file():
-        return {path.name: sha256_file(path)}
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-    if len(files) > _MAX_HASHED_FILES:
-        logger.info("hashing the first %d of %d data files", _MAX_HASHED_FILES, len(files))
-    return {str(p.relative_to(path)): sha256_file(p) for p in files[:_MAX_HASHED_FILES]}
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
 
-
-def _manifest_sha(path: Path | None) -> str | None:
-    return sha256_file(path / "manifest.json") if path is not None and (path / "manifest.json").is_file() else None
-
-
-def _model_identity(cfg: Config) -> dict[str, Any]:
-    name = cfg.model.name
-    ident: dict[str, Any] = {"name": name or "packaged:SmolLM2-135M-Instruct", "backend": cfg.model.backend,
-                             "dtype": cfg.model.dtype}
-    if is_openai_model(name):
-        ident.update(backend="openai-chat", base_url=cfg.eval.base_url, continuation=cfg.eval.continuation)
-        return ident
-    if name is None:
-        from medrwr.assets import smollm2_gguf_path
-
-        gguf = smollm2_gguf_path()
-        ident.update(path=str(gguf), size=gguf.stat().st_size if gguf.exists() else None)
-    elif Path(name).expanduser().exists():
-        p = Path(name).expanduser().resolve()
-        ident["path"] = str(p)
-        conf = p / "config.json"
-        ident["config_sha256"] = sha256_file(conf) if conf.is_file() else (sha256_file(p) if p.is_file() else None)
-    return ident
-
-
-def run_identity(cfg: Config, benchmark: str, data: str | Path, modes: list[str]) -> dict[str, Any]:
-    """What makes a run this run (compared on resume), plus the record of seeds and decoding settings."""
-    from medrwr.rollout.constrain import resolve_constrain
-
-    r = cfg.rollout
-    ident: dict[str, Any] = {
-        "benchmark": benchmark,
-        "split": cfg.eval.split,
-        "languages": cfg.eval.languages,
-        "data": {"path": str(Path(data).resolve()), "files": _data_files(Path(data))},
-        "model": _model_identity(cfg),
-        "decoding": {
-            "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed, "max_rounds": r.max_rounds,
-            "queries_per_turn": r.queries_per_turn, "max_new_tokens_per_turn": r.max_new_tokens_per_turn,
-            "max_total_new_tokens": r.max_total_new_tokens, "max_inserted_tokens": r.max_inserted_tokens,
-            "max_image_pixels": r.max_image_pixels, "constrain": resolve_constrain(cfg.model, r),
-        },
-        "preset": cfg.eval.preset,
-    }
-    if cfg.eval.judge_model:
-        ident["judge"] = {"model": cfg.eval.judge_model, "url": cfg.eval.judge_url}
-    if any(m != "direct" for m in modes):
-        rc = cfg.retrieval
-        ret: dict[str, Any] = {"k": rc.k, "mode": rc.mode if "mode" in rc.explicit_keys() else None}
-        if rc.url:
-            ret["url"] = rc.url
-        else:
-            from medrwr.retrieval.open import index_path
-
-            path = index_path(cfg)
-            ret.update(index=str(path.resolve()), manifest_sha256=_manifest_sha(path))
-        ident["retrieval"] = ret
-    if "rwr_cdir" in modes:
-        c = cfg.cdir
-        img = c.image_index
-        path = Path(img).expanduser() if img and img.strip() != "demo" else None
-        ident["cdir"] = {"threshold": c.threshold, "k": c.k, "image_index": str(path.resolve()) if path else "demo",
-                         "manifest_sha256": _manifest_sha(path)}
-    return ident
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys set in both identities with different values (a key only one side has is not a change)."""
-    a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
-
-
-def _prepare_run_dir(run_dir: Path, ident: dict[str, Any], force: bool) -> dict[str, Any]:
-    """Check (or start over) the run directory; return the previous run.json (empty when new)."""
-    run_json = run_dir / RUN_JSON
-    prev: dict[str, Any] = {}
-    if run_json.is_file():
-        try:
-            prev = json.loads(run_json.read_text(encoding="utf-8"))
-        except ValueError:
-            raise EvalRunError(f"{run_json} is not valid JSON; use a new --out or --force to start over") from None
-    if force and (prev or (run_dir / "results.jsonl").exists()):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in ("results.jsonl", RUN_JSON):
-            p = run_dir / name
-            if p.exists():
-                p.rename(p.with_name(f"{name}.bak-{stamp}"))
-        logger.warning("--force: starting %s over (previous files kept as *.bak-%s)", run_dir, stamp)
-        return {}
-    if prev:
-        diff = _differences(prev.get("identity", {}), ident)
-        if diff:
-            raise EvalRunError(
-                f"{run_dir} holds a run with a different configuration ({'; '.join(diff[:4])}"
-                f"{'; …' if len(diff) > 4 else ''}); use a new --out, or --force to start it over"
-            )
-    return prev
+    def add(self, n: int) -> None:
+        self.progress = dataclasses.replace(self.progress, done=self.progress.done + n, seconds=self.seconds())
+        if self.on_progress:
+            self.on_progress(self.progress)
 
 
 # ---------------------------------------------------------------------- engines
@@ -309,20 +206,25 @@ def _prefetch_judge(llm: Any, records: list[EvalRecord], responses: list[str]) -
     llm.verdicts(list(dict.fromkeys(items)))  # repeated items: one call each
 
 
-def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_rwr: bool) -> list[dict[str, Any]]:
-    from medrwr.eval.scoring import judge
+def _requests(engines: EvalEngines, mode: str, records: list[EvalRecord]) -> tuple[list[Any], list[dict] | None]:
+    """The rollout requests of ``records`` (``rag``: after one batched search with their questions)."""
     from medrwr.rollout.request import RolloutRequest
 
-    cfg = engines.cfg
     rag = _rag_documents(engines, records) if mode == "rag" else None
     requests = []
     for i, r in enumerate(records):
         docs = [h["text"] for h in rag[i]["hits"]] if rag is not None else None
         requests.append(RolloutRequest(question=question_text(r, docs), options=r.options, images=list(r.images),
                                        request_id=r.id, system=system_for(mode, r), metadata={"mode": mode}))
-    t0 = time.perf_counter()
-    traces = engines.get(mode).run(requests)
-    per_item = (time.perf_counter() - t0) / max(1, len(records))
+    return requests, rag
+
+
+def _score(engines: EvalEngines, mode: str, records: list[EvalRecord], traces: list[Any],
+           rag: list[dict] | None, seconds: list[float], want_rwr: bool) -> list[dict[str, Any]]:
+    """Stored rows of finished items: trace, verdict (and for rwr_cdir the derived rwr row)."""
+    from medrwr.eval.scoring import judge
+
+    cfg = engines.cfg
     rows = []
     llm = engines.llm_judge()
     dicts = [trace_for_storage(tr.to_dict(), cfg.eval.keep_tokens) for tr in traces]
@@ -330,7 +232,7 @@ def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_
         _prefetch_judge(llm, records, [d.get("completion_text") or "" for d in dicts])
     for i, (r, d) in enumerate(zip(records, dicts)):
         verdict = judge(r, d.get("completion_text") or "", preset=cfg.eval.preset, llm_judge=llm)
-        extra: dict[str, Any] = {"seconds": per_item, "batch_size": len(records)}
+        extra: dict[str, Any] = {"seconds": seconds[i], "batch_size": cfg.eval.batch_size}
         if rag is not None:
             extra["rag"] = rag[i]
         if mode == "rwr_cdir":
@@ -343,6 +245,62 @@ def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_
         else:
             rows.append(_row(r, mode, d, verdict, **extra))
     return rows
+
+
+def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_rwr: bool) -> list[dict[str, Any]]:
+    requests, rag = _requests(engines, mode, records)
+    t0 = time.perf_counter()
+    traces = engines.get(mode).run(requests)
+    per_item = (time.perf_counter() - t0) / max(1, len(records))
+    return _score(engines, mode, records, traces, rag, [per_item] * len(records), want_rwr)
+
+
+def _streams(engines: EvalEngines, mode: str) -> bool:
+    """Whether ``mode`` runs with continuous batching: our own engine without CDIR (CDIR revisits finished
+    rows, and text-level policies batch by concurrency instead)."""
+    from medrwr.rollout.engine import RolloutEngine
+
+    return mode != "rwr_cdir" and isinstance(engines.get(mode), RolloutEngine)
+
+
+def _run_streaming(engines: EvalEngines, mode: str, pending: list[EvalRecord], store: ResultStore,
+                   report: Callable[[int], None]) -> None:
+    """Continuous batching over every pending item: up to ``eval.batch_size`` rows at once; at each turn boundary
+    the items that finished are scored and stored (one append + fsync) and new items take their places, so a
+    batch never waits on its longest row with empty slots (``RolloutEngine.run(admit=...)``)."""
+    queue = list(pending)
+    active: dict[str, tuple[EvalRecord, dict | None, float]] = {}
+    finished: list[tuple[str, Any]] = []
+
+    def flush() -> None:
+        if not finished:
+            return
+        done, now = finished[:], time.perf_counter()
+        finished.clear()
+        items = [active.pop(rid) for rid, _ in done]
+        rag = [it[1] for it in items] if mode == "rag" else None
+        store.append(_score(engines, mode, [it[0] for it in items], [tr for _, tr in done], rag,
+                            [now - it[2] for it in items], False))
+        report(len(done))
+
+    def admit() -> list[Any]:
+        flush()
+        take = queue[: max(0, engines.cfg.eval.batch_size - len(active))]
+        del queue[: len(take)]
+        if not take:
+            return []
+        requests, rag = _requests(engines, mode, take)
+        now = time.perf_counter()
+        for i, r in enumerate(take):
+            active[r.id] = (r, rag[i] if rag is not None else None, now)
+        return requests
+
+    def on_event(ev: Any) -> None:
+        if ev.kind == "finish":
+            finished.append((ev.request_id, ev.data["trace"]))
+
+    engines.get(mode).run([], on_event=on_event, admit=admit)
+    flush()
 
 
 # ---------------------------------------------------------------------- the run
@@ -402,7 +360,7 @@ def run_eval(
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     ident = run_identity(cfg, benchmark, data, modes)
-    prev = _prepare_run_dir(run_dir, ident, force)
+    prev = prepare_run_dir(run_dir, ident, force)
     store = ResultStore(run_dir)
     all_modes = [m for m in ("direct", "rag", "rwr", "rwr_cdir") if m in set(modes) | set(prev.get("modes", []))]
     summary: dict[str, Any] = {
@@ -436,19 +394,17 @@ def run_eval(
             skipped = len(records) - len(pending)
             if pending:
                 engines.get(mode)  # load the policy/retriever before the clock starts
-            t0 = time.perf_counter()
-            done = 0
-            if on_progress:
-                on_progress(Progress(mode, 0, len(pending), 0.0, skipped))
-            bs = cfg.eval.batch_size
-            for start in range(0, len(pending), bs):
-                batch = pending[start: start + bs]
-                store.append(_run_batch(engines, mode, batch, want_rwr))
-                done += len(batch)
-                if on_progress:
-                    on_progress(Progress(mode, done, len(pending), time.perf_counter() - t0, skipped))
+            tally = _Tally(Progress(mode, 0, len(pending), 0.0, skipped), on_progress)
+            if pending and _streams(engines, mode):
+                _run_streaming(engines, mode, pending, store, tally.add)
+            else:
+                bs = cfg.eval.batch_size
+                for start in range(0, len(pending), bs):
+                    batch = pending[start: start + bs]
+                    store.append(_run_batch(engines, mode, batch, want_rwr))
+                    tally.add(len(batch))
+            done, secs = tally.progress.done, tally.seconds()
             if done:
-                secs = time.perf_counter() - t0
                 timings[mode] = {"items": done, "seconds": secs, "items_per_s": done / secs if secs else None}
     finally:
         if isinstance(engines, EvalEngines):
@@ -459,8 +415,3 @@ def run_eval(
     summary.update(status="finished", finished=time.time(), timings=timings)
     write_json_atomic(run_dir / RUN_JSON, summary)
     return summary
-
-
-def fingerprint(ident: dict[str, Any]) -> str:
-    """A short hash of a run identity (shown in reports)."""
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]

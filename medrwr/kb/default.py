@@ -42,13 +42,15 @@ from medrwr.assets import cache_root
 from medrwr.retrieval.index.corpus import Document
 from medrwr.vocab.concepts import SOURCES, attribution, source_versions
 from medrwr.vocab.passages import passage, reference_texts
+from medrwr.vocab.presentations import SOURCE as PRESENTATION_SOURCE
 from medrwr.vocab.sources import concepts
 
 logger = logging.getLogger(__name__)
 
 KB_NAME = "medrwr-default-kb"
-KB_VERSION = "default-kb-v3"
-"""v3: one passage per concept merged across sources, HPO disease annotations, dev-tuned weighted RRF.
+KB_VERSION = "default-kb-v4"
+"""v4: classic clinical presentations of common conditions in their concept passages (medrwr.vocab.presentations).
+v3: one passage per concept merged across sources, HPO disease annotations, dev-tuned weighted RRF.
 v2: drug passages without Wikipedia markup, citation fragments or mojibake (medrwr.vocab.fds.clean_drug_name)."""
 DEFAULT_ENCODER = "static-minilm"
 
@@ -144,7 +146,7 @@ def kb_manifest(sources: Sequence[str] | None = None) -> dict[str, Any]:
         "knowledge_base": KB_NAME,
         "kb_version": KB_VERSION,
         "kb_sources": chosen,
-        "attribution": {s: _attribution(s) for s in chosen},
+        "attribution": {**{s: _attribution(s) for s in chosen}, PRESENTATION_SOURCE: ATTRIBUTION[PRESENTATION_SOURCE]},
         "source_packages": source_versions(),
         "excluded": "torchxrayvision's IU X-ray reports (CC BY-NC-ND) are deliberately not included",
     }

@@ -13,7 +13,8 @@ concept lands in exactly one group, so each stays reachable. The passage's id is
 lists every merged concept for attribution.
 
 HPO's disease annotations (:mod:`medrwr.vocab.hpoa`) add disease concepts ("X presents with ...",
-linked to MeSH / ICD-10-CM by name too) and the reverse side on phenotypes ("a feature of ...").
+linked to MeSH / ICD-10-CM by name too) and the reverse side on phenotypes ("a feature of ..."); common
+conditions get their classic clinical presentation (:mod:`medrwr.vocab.presentations`) after the definitions.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 from medrwr.vocab.concepts import SOURCES, Concept
 from medrwr.vocab.hpoa import Disease, frequency_label, hpo_diseases
 from medrwr.vocab.passages import dedupe_names, name_key
+from medrwr.vocab.presentations import SOURCE as PRESENTATION_SOURCE
+from medrwr.vocab.presentations import presentations
 from medrwr.vocab.sources import concepts
 
 DISEASE_SOURCE = "HPO-diseases"
@@ -181,6 +184,8 @@ def render(group: list[Concept], features: dict[str, Disease], hpo_names: dict[s
     for c in group:
         if c.definition and not (holdout.get(c.id) or {}).get("definition"):
             parts.append(c.definition)
+    shown = [p for c in group if (p := presentations().get((c.id, c.name))) is not None]
+    parts.extend(f"Clinical presentation: {p.text}" for p in shown)
     names: list[str] = []
     for c in group:
         if c is not first:
@@ -205,6 +210,7 @@ def render(group: list[Concept], features: dict[str, Disease], hpo_names: dict[s
             parts.append(_drug_block(c))
     text = _words(" ".join(p for p in parts if p), _MAX_WORDS)
     labels = list(dict.fromkeys(DISEASE_SOURCE if c.source == DISEASE_SOURCE else c.source for c in group))
+    labels += [PRESENTATION_SOURCE] if shown else []
     meta: dict[str, Any] = {"source_ids": [c.id for c in group], "sources": labels, "names": _names(group, dropped)}
     ds = feature_of.get(first.id, []) if first.source == "HPO" else []
     common = sorted((x for x in ds if x[1] >= 0.3), key=lambda x: -x[1])[:_MAX_DISEASES]

@@ -222,3 +222,43 @@ def test_judge_flags_go_together():
     assert "--judge-url and --judge-model go together" in str(res.exception)
     with pytest.raises(Exception, match="judge_url and eval.judge_model go together"):
         load_config(None, ["eval.judge_url=http://127.0.0.1:9/v1"])
+
+
+def test_continuous_batching_refills_finished_rows_and_stores_each_item_once(
+        tiny_vlm_dir, small_index, data, tmp_path, backend, monkeypatch):
+    """Modes without CDIR keep eval.batch_size rows running: a finished item's row is refilled at the next turn
+    boundary (one generate call then mixes a row in its second turn with a newly admitted one); each item is
+    stored once, when it finishes."""
+    import dataclasses
+
+    from medrwr.eval.runner import run_eval
+
+    calls: list[list[str]] = []
+    real = backend.generate
+
+    def generate(states, *args, **kwargs):
+        ids = [s.request_id for s in states]
+        out = real(states, *args, **kwargs)
+        if ids.count("q2") and "q2" not in {i for c in calls for i in c}:  # q2 runs out of tokens in turn 1
+            b = ids.index("q2")
+            out[b] = dataclasses.replace(out[b], token_ids=out[b].token_ids[:3], logprobs=out[b].logprobs[:3],
+                                         finish_reason="length", stop_string=None)
+        calls.append(ids)
+        return out
+
+    monkeypatch.setattr(backend, "generate", generate)
+    cfg = _cfg(tiny_vlm_dir, small_index, "eval.modes=[rwr]", "eval.batch_size=2")
+    events = []
+    run_eval(cfg, "jsonl", data, tmp_path / "run", on_progress=events.append, engines=_engines(cfg, backend))
+    rows = read_results(tmp_path / "run")
+    assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(6))
+    assert {r["id"]: r["trace"]["stop_reason"] for r in rows}["q2"] != "answer"
+    assert max(len(c) for c in calls) == 2
+    seen: set[str] = set()
+    mixed = []
+    for c in calls:
+        if set(c) & seen and set(c) - seen:
+            mixed.append(c)
+        seen |= set(c)
+    assert mixed, calls  # the row freed by q2 was refilled while its partner was in its second turn
+    assert [e.done for e in events][-1] == 6 and all(r["batch_size"] == 2 for r in rows)

@@ -51,6 +51,26 @@ def test_every_source_concept_is_reachable_in_one_concept_passage(all_docs, by_s
     assert max(len(d.text[: d.metadata.get("search_chars")].split()) for d in all_docs) < 400
 
 
+def test_every_clinical_presentation_lands_in_its_own_concept_passage(all_docs):
+    """data/presentations.jsonl: each line names one real vocabulary record (id and name), once, with 40-100
+    words; its text is in exactly the passage that carries that record, before the synonyms."""
+    from medrwr.vocab.presentations import SOURCE, presentations
+    from medrwr.vocab.sources import concepts
+
+    shown = presentations()
+    records = {(c.id, c.name) for s in kb.SOURCES for c in concepts(s)}
+    assert len(shown) >= 300 and set(shown) <= records
+    assert len({i for i, _ in shown}) == len(shown)
+    assert all(40 <= len(p.text.split()) <= 100 for p in shown.values())
+    carriers = [d for d in all_docs if SOURCE in d.metadata["sources"]]
+    assert len(carriers) == len(shown)
+    texts = {p.text: p for p in shown.values()}
+    for d in carriers:
+        found = [t for t in texts if f"Clinical presentation: {t}" in d.text]
+        assert len(found) == 1 and texts[found[0]].id in d.metadata["source_ids"], d.doc_id
+        assert d.text.index("Clinical presentation:") < d.text.find("Also called") or "Also called" not in d.text
+
+
 def test_hpo_passage_has_definition_and_synonyms_and_skips_obsolete(all_docs):
     by_id = {d.doc_id: d for d in all_docs}
     cm = by_id["HP:0001640"]
@@ -112,7 +132,9 @@ def test_no_passage_carries_wiki_markup(all_docs, by_source_id):
 
 def test_attribution_names_each_sources_licence():
     attr = kb.kb_manifest()["attribution"]
-    assert set(attr) == set(kb.SOURCES)
+    assert set(attr) == {*kb.SOURCES, "MedRwR-presentations"}
+    assert "MIT" in attr["MedRwR-presentations"]["licence"] and "not clinically reviewed" in attr[
+        "MedRwR-presentations"]["licence"]
     assert "hpo.jax.org/app/license" in attr["HPO"]["licence"] and attr["HPO"]["hpo_version"].startswith("hp/releases/")
     assert "Human Phenotype Ontology" in attr["HPO"]["credit"] and "doi:10.1093/nar/gkt1026" in attr["HPO"]["credit"]
     assert "public domain" in attr["ICD-10-CM"]["licence"].lower()

@@ -215,3 +215,28 @@ def test_rows_of_unequal_length_are_prefilled_alone_then_decoded_together(text_l
         assert np.allclose(b.top_logprobs, a.top_logprobs, atol=TOL, rtol=0)
     same = backend.generate([GenerationState(p) for p in (prompts[0], prompts[0])], [], 3)  # equal rows: batched
     assert backend.kv_cache.row_prefills == 2 and same[0].token_ids == same[1].token_ids
+
+
+def test_growing_layers_append_in_place_and_equal_concatenation(text_lm):
+    """The batch cache's layers write each step into a buffer with headroom (no whole-cache copy per step) and
+    hold exactly what DynamicLayer's concatenation holds, also after crop / batch selection."""
+    from medrwr.rollout.backends.kv_cache import growing_cache
+
+    g = torch.Generator().manual_seed(0)
+    states = [(torch.randn(2, 2, n, 4, generator=g), torch.randn(2, 2, n, 4, generator=g)) for n in (5, 1, 1, 1)]
+    model = text_lm[0]
+    cache = growing_cache(model.config, [states[0]] * len(model.model.layers))
+    layer = cache.layers[0]
+    ptr = layer.keys.data_ptr()
+    for k, v in states[1:]:
+        keys, values = layer.update(k, v)
+    assert keys.data_ptr() == ptr  # the same buffer: no reallocation, no concatenation
+    assert torch.equal(keys, torch.cat([s[0] for s in states], dim=-2))
+    assert torch.equal(values, torch.cat([s[1] for s in states], dim=-2))
+    big = torch.randn(2, 2, 300, 4, generator=g)  # past the headroom: the buffer grows, contents kept
+    keys, _ = layer.update(big, big)
+    assert keys.shape[-2] == 308 and torch.equal(keys[..., 8:, :], big) and torch.equal(keys[..., :5, :], states[0][0])
+    layer.batch_select_indices(torch.tensor([1]))
+    keys, _ = layer.update(states[1][0][:1], states[1][1][:1])
+    assert keys.shape == (1, 2, 309, 4) and torch.equal(keys[0, :, -1], states[1][0][0, :, 0])
+    assert cache.get_seq_length() == 309
