@@ -209,12 +209,12 @@ def fuse(L: dict[str, list[list[str]]], i: int, w: dict[str, float]) -> list[str
     """The retriever's fusion, replayed on doc-id lists (the KB's doc ids are unique)."""
     from medrwr.retrieval.index.hybrid import rrf_fuse
 
-    parts = ("bm25", "dense", "names", "name_bm25")
-    return [x for x, _ in rrf_fuse([L[p][i] for p in parts], [w[p] for p in parts], w["rrf_k"])][:10]
+    parts = ("bm25", "dense", "names", "name_bm25", "clinical")
+    return [x for x, _ in rrf_fuse([L[p][i] for p in parts], [w.get(p, 0.0) for p in parts], w["rrf_k"])][:10]
 
 
 def tune(judge: Judge, sets: dict[str, list[Item]], lists: dict[str, dict[str, list[list[str]]]]) -> dict[str, Any]:
-    """Grid over (dense_weight / bm25_weight, rrf_k) on the dev splits: the mean dev MRR over the sets."""
+    """Grid over rrf_k and the weights (bm25 = 1) on the dev splits: the mean dev MRR over the sets."""
     parts = {}
     for name, items in sets.items():
         idx = [i for i, it in enumerate(items) if it.split == "dev"]
@@ -225,9 +225,9 @@ def tune(judge: Judge, sets: dict[str, list[Item]], lists: dict[str, dict[str, l
     grid = []
     import itertools
 
-    for k, wd, wn, wnb in itertools.product((2, 5, 10, 20, 60), (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
-                                            (0.0, 1.0, 2.0, 4.0), (0.0, 0.3, 0.5, 1.0)):
-        w = {"rrf_k": k, "bm25": 1.0, "dense": wd, "names": wn, "name_bm25": wnb}
+    for k, wd, wn, wnb, wc in itertools.product((2, 5, 10), (0.3, 0.5, 0.7, 1.0), (2.0, 4.0), (0.5, 1.0),
+                                                (0.0, 0.5, 1.0, 2.0)):
+        w = {"rrf_k": k, "bm25": 1.0, "dense": wd, "names": wn, "name_bm25": wnb, "clinical": wc}
         score, ok = [], True
         for name, items in sets.items():
             idx = [i for i, it in enumerate(items) if it.split == "dev"]
@@ -237,7 +237,7 @@ def tune(judge: Judge, sets: dict[str, list[Item]], lists: dict[str, dict[str, l
             score.append(m["mrr"])
             ok &= all(m[x] >= max(parts[name]["bm25"][x], parts[name]["dense"][x]) for x in ("hit@5", "mrr"))
         grid.append({"rrf_k": k, "bm25_weight": 1.0, "dense_weight": wd, "name_weight": wn, "name_bm25_weight": wnb,
-                     "dev_mrr": float(np.mean(score)), "ge_parts_on_dev": ok})
+                     "clinical_weight": wc, "dev_mrr": float(np.mean(score)), "ge_parts_on_dev": ok})
     # the best mean dev MRR among the settings that beat both parts on every dev set (else overall)
     best = max(grid, key=lambda g: (g["ge_parts_on_dev"], g["dev_mrr"]))
     test = {}  # reported, never used to choose
@@ -245,7 +245,7 @@ def tune(judge: Judge, sets: dict[str, list[Item]], lists: dict[str, dict[str, l
         idx = [i for i, it in enumerate(items) if it.split == ("test" if name != "exact" else it.split)]
         L = lists[name]
         w = {"rrf_k": best["rrf_k"], "bm25": 1.0, "dense": best["dense_weight"], "names": best["name_weight"],
-             "name_bm25": best["name_bm25_weight"]}
+             "name_bm25": best["name_bm25_weight"], "clinical": best["clinical_weight"]}
         fused = [fuse(L, i, w) for i in idx]
         test[name] = {"hybrid": metrics(judge.ranks([items[i] for i in idx], fused)),
                       **{m: metrics(judge.ranks([items[i] for i in idx], [L[m][i][:10] for i in idx]))
@@ -274,7 +274,7 @@ def evaluate(path: Path, docs: list[Any], sets: dict[str, list[Item]], label: st
     r = HybridRetriever.load(path, verify=False)  # searched with the fusion it was built with
     judge = Judge(docs)
     out: dict[str, Any] = {"label": label, "fusion": {k: getattr(r.config, k) for k in ("rrf_k", "bm25_weight", "dense_weight", "name_weight",
-                                                                   "name_bm25_weight")},
+                                                                   "name_bm25_weight", "clinical_weight")},
                            "sets": {}, "lists": {}}
     for name, items in sets.items():
         qs = [it.query for it in items]
@@ -282,6 +282,7 @@ def evaluate(path: Path, docs: list[Any], sets: dict[str, list[Item]], label: st
                  for m in MODES}
         lists["names"] = [[r.get_document(row).doc_id for row in r.name_matches(q)] for q in qs]
         lists["name_bm25"] = [[r.get_document(row).doc_id for row in rows] for rows in r._name_bm25(qs, 50)]
+        lists["clinical"] = [[r.get_document(row).doc_id for row in rows] for rows in r._clinical(qs, 50)]
         out["lists"][name] = lists
         res: dict[str, Any] = {}
         for m in MODES:

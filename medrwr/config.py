@@ -70,6 +70,9 @@ class RetrievalConfig:
     """Weight of the exact-name ranking in hybrid fusion (indexes with a name table, e.g. the default KB)."""
     name_bm25_weight: float = 0.0
     """Weight of the BM25-over-names ranking in hybrid fusion (indexes with a name table)."""
+    clinical_weight: float = 0.0
+    """Weight of the BM25 ranking over documents' clinical text alone (``metadata["clinical"]``: the default KB's
+    clinical presentations) in hybrid fusion."""
     stemmer: str | None = "english"
     stopwords: str | None = "en"
     batch_size: int = 64
@@ -109,7 +112,8 @@ class RetrievalConfig:
             0 <= self.chunk_overlap < max(self.chunk_words, 1),
             f"retrieval.chunk_overlap must be in [0, chunk_words), got {self.chunk_overlap}",
         )
-        _check(min(self.bm25_weight, self.dense_weight, self.name_weight, self.name_bm25_weight) >= 0,
+        _check(min(self.bm25_weight, self.dense_weight, self.name_weight, self.name_bm25_weight,
+                   self.clinical_weight) >= 0,
                "retrieval weights must be >= 0")
 
     def settings(self) -> dict[str, Any]:

@@ -61,6 +61,21 @@ class Progress:
         return (self.total - self.done) / self.rate if self.rate > 0 else None
 
 
+class _WordCodec:
+    """Whitespace words as tokens, for :func:`~medrwr.rollout.retrieval_step.fit_documents` without a tokenizer."""
+
+    def __init__(self) -> None:
+        self.words: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        start = len(self.words)
+        self.words.extend(text.split())
+        return list(range(start, len(self.words)))
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+
 class _Tally:
     """Counts one mode's finished items and reports progress (items/s, ETA) after every stored append."""
 
@@ -155,6 +170,17 @@ class EvalEngines:
         self._engines[key] = engine
         return engine
 
+    def fit_documents(self, texts: list[str]) -> tuple[list[str], bool]:
+        """``rag``'s documents in the budget of one retrieval round of the loop (``rollout.max_inserted_tokens``,
+        cut by tokens as the loop cuts them), so ``rag`` and ``rwr`` read the same amount of text. Text-level
+        policies have no tokenizer: words stand in for tokens (3 words per 4 tokens)."""
+        from medrwr.rollout.retrieval_step import fit_documents
+
+        budget = self.cfg.rollout.max_inserted_tokens
+        if self.openai:
+            return fit_documents(_WordCodec(), texts, budget * 3 // 4)
+        return fit_documents(self.get("rag").codec, texts, budget)
+
     def close(self) -> None:
         for e in self._engines.values():
             if hasattr(e, "close"):
@@ -213,7 +239,9 @@ def _requests(engines: EvalEngines, mode: str, records: list[EvalRecord]) -> tup
     rag = _rag_documents(engines, records) if mode == "rag" else None
     requests = []
     for i, r in enumerate(records):
-        docs = [h["text"] for h in rag[i]["hits"]] if rag is not None else None
+        docs = None
+        if rag is not None:
+            docs, rag[i]["truncated"] = engines.fit_documents([h["text"] for h in rag[i]["hits"]])
         requests.append(RolloutRequest(question=question_text(r, docs), options=r.options, images=list(r.images),
                                        request_id=r.id, system=system_for(mode, r), metadata={"mode": mode}))
     return requests, rag

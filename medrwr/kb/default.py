@@ -54,11 +54,12 @@ v3: one passage per concept merged across sources, HPO disease annotations, dev-
 v2: drug passages without Wikipedia markup, citation fragments or mojibake (medrwr.vocab.fds.clean_drug_name)."""
 DEFAULT_ENCODER = "static-minilm"
 
-FUSION: dict[str, Any] = {"rrf_k": 5, "bm25_weight": 1.0, "dense_weight": 0.5, "name_weight": 4.0,
-                          "name_bm25_weight": 1.0}
+FUSION: dict[str, Any] = {"rrf_k": 2, "bm25_weight": 1.0, "dense_weight": 0.5, "name_weight": 4.0,
+                          "name_bm25_weight": 1.0, "clinical_weight": 1.0}
 """Weighted-RRF settings of the default KB, chosen on the dev splits of benchmarks/retrieval_quality.py
 (``--tune``); written to the index's ``build_config`` and ``fusion`` manifest entries."""
-FUSION_SOURCE = "dev splits of benchmarks/retrieval_quality.py --tune (lay, definition, synonym, clinical, exact)"
+FUSION_SOURCE = ("dev splits of benchmarks/retrieval_quality.py --tune (lay, definition, synonym, clinical, exact; "
+                 "clinical_heldout is test only)")
 
 ATTRIBUTION: dict[str, dict[str, str]] = attribution()
 """Credit, licence and package of each source (``medrwr/vocab/data/attribution.json``)."""

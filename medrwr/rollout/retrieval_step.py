@@ -94,8 +94,7 @@ def fit_retrieval_block(codec: TokenCodec, docs: Sequence[str], budget: int) -> 
     skeleton = len(codec.encode(protocol.format_retrieval(["x"] * len(docs)))) - len(docs)
     room = max(budget - skeleton - 2 * len(docs), len(docs))
     for _ in range(8):
-        caps = _water_fill([len(d) for d in doc_ids], room)
-        cut = [codec.decode(d[:c]).rstrip("\ufffd").strip() + (" …" if c < len(d) else "") for d, c in zip(doc_ids, caps)]
+        cut = _cut(codec, doc_ids, _water_fill([len(d) for d in doc_ids], room))
         text = protocol.format_retrieval([c if c.strip(" …") else "…" for c in cut])
         ids = codec.encode(text)
         if len(ids) <= budget:
@@ -103,6 +102,21 @@ def fit_retrieval_block(codec: TokenCodec, docs: Sequence[str], budget: int) -> 
         room = max(room - (len(ids) - budget) - len(docs), 0)
     text = protocol.format_retrieval(["…"] * len(docs))
     return text, codec.encode(text), True
+
+
+def fit_documents(codec: TokenCodec, docs: Sequence[str], budget: int) -> tuple[list[str], bool]:
+    """``(documents, truncated)``: ``docs`` (sanitised, whitespace-normalised) in at most ``budget`` tokens in all,
+    cut as :func:`fit_retrieval_block` cuts them; the ``rag`` evaluation mode gives its documents the budget one
+    retrieval round of the loop gets (``rollout.max_inserted_tokens``)."""
+    clean = [" ".join(protocol.sanitize_document(d).split()) for d in docs]
+    doc_ids = [codec.encode(d) for d in clean]
+    if sum(len(d) for d in doc_ids) <= budget:
+        return clean, False
+    return _cut(codec, doc_ids, _water_fill([len(d) for d in doc_ids], budget)), True
+
+
+def _cut(codec: TokenCodec, doc_ids: Sequence[Sequence[int]], caps: Sequence[int]) -> list[str]:
+    return [codec.decode(d[:c]).rstrip("\ufffd").strip() + (" …" if c < len(d) else "") for d, c in zip(doc_ids, caps)]
 
 
 def _water_fill(lengths: Sequence[int], room: int) -> list[int]:

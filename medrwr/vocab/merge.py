@@ -212,6 +212,8 @@ def render(group: list[Concept], features: dict[str, Disease], hpo_names: dict[s
     labels = list(dict.fromkeys(DISEASE_SOURCE if c.source == DISEASE_SOURCE else c.source for c in group))
     labels += [PRESENTATION_SOURCE] if shown else []
     meta: dict[str, Any] = {"source_ids": [c.id for c in group], "sources": labels, "names": _names(group, dropped)}
+    if shown:  # searched alone too (retrieval.clinical_weight): descriptions of patients meet presentations
+        meta["clinical"] = " ".join(p.text for p in shown)
     ds = feature_of.get(first.id, []) if first.source == "HPO" else []
     common = sorted((x for x in ds if x[1] >= 0.3), key=lambda x: -x[1])[:_MAX_DISEASES]
     if common:  # only diseases where it is at least frequent: a rare feature says little about the disease

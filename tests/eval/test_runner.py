@@ -82,6 +82,7 @@ def test_all_modes_every_item_once_with_traces_and_verdicts(all_run):
     rag = {r["id"]: r for r in by_mode["rag"]}
     assert rag["q1"]["rag"]["query"] == "Is there an effusion in image 1?"
     assert rag["q1"]["rag"]["hits"][0]["doc_id"] == "d2"
+    assert rag["q1"]["rag"]["truncated"] is False  # 2 short documents fit rollout.max_inserted_tokens (64)
     assert all(r["trace"]["rounds"] == 0 for r in by_mode["rag"])
     # rwr: the loop searched the real index (one round each: rollout.max_rounds = 1)
     assert all(r["trace"]["rounds"] == 1 and r["trace"]["retrievals"][0]["error"] is None for r in by_mode["rwr"])

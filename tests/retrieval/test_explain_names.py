@@ -82,4 +82,39 @@ def test_cli_retrieve_explain(index, capsys):
     assert e["name_match"] is True and e["bm25"]["rank"] == 2 and e["fused_score"] > 0
     assert main(["retrieve", "bradycardia", "--index", str(index), "-k", "2", "--explain"]) == 0
     table = capsys.readouterr().out
-    assert "bm25 rank/score" in table and "exact" in table and "#2" in table
+    assert "bm25" in table and "clin" in table and "exact" in table and "#2" in table
+
+
+CLINICAL = [
+    Document("HP:9", "Barking cough", "Barking cough (phenotype). A cough that sounds like a barking seal; barking cough.",
+             "HPO", {"names": ["Barking cough"]}),
+    Document("HP:8", "Stridor", "Stridor (phenotype). A harsh sound on breathing in; stridor.", "HPO",
+             {"names": ["Stridor"]}),
+    Document("M:1", "Croup", "Croup (disease). Laryngotracheobronchitis. Clinical presentation: a viral infection of "
+             "young children with a barking cough, hoarse voice and inspiratory stridor, worse at night.", "MeSH",
+             {"names": ["Croup"], "clinical": "A viral infection of young children with a barking cough, hoarse voice "
+                                              "and inspiratory stridor, worse at night."}),
+    Document("X:2", "Cough", "Cough (phenotype). A sudden expulsion of air; cough.", "HPO", {"names": ["Cough"]}),
+]
+
+
+def test_clinical_text_is_ranked_alone_and_pulls_the_disease_up(tmp_path):
+    """``metadata["clinical"]`` gets its own BM25 (not stored per document); ``clinical_weight`` fuses it in, so a
+    description of a patient reaches the disease whose presentation it resembles; explain shows its rank."""
+    from medrwr.retrieval.encoders.text import load_text_encoder
+    from medrwr.retrieval.index.hybrid import CLINICAL_BM25_DIR
+
+    cfg = RetrievalConfig(device="cpu", rrf_k=5, dense_weight=0.5, name_weight=4.0, name_bm25_weight=1.0)
+    path = build_index(CLINICAL, tmp_path / "idx", cfg, encoder=load_text_encoder("default", device="cpu"),
+                       show_progress=False)
+    assert (path / CLINICAL_BM25_DIR).is_dir()
+    q = ["child with barking cough and stridor at night"]
+    off = HybridRetriever.load(path)
+    assert "clinical" not in off.docs.get(2).metadata and off.config.clinical_weight == 0
+    assert off.explain(q, k=4)[0][0]["clinical_rank"] is None  # weight 0: the ranking is not even computed
+    on = HybridRetriever.load(path, config=RetrievalConfig(**{**cfg.settings(), "clinical_weight": 2.0}))
+    top = on.explain(q, k=4)[0]
+    assert top[0]["doc_id"] == "M:1" and top[0]["clinical_rank"] == 1
+    assert [e["clinical_rank"] for e in top[1:]] == [None] * 3  # only documents with clinical text rank there
+    ranks_off = [h.doc_id for h in off.search(q, k=4)[0]]
+    assert ranks_off.index("M:1") > 0  # without it the phenotype names win

@@ -11,7 +11,10 @@ Documents whose ``metadata["names"]`` list their names (the default KB's concept
 also get a name table: exact names (``names.npz``) and BM25 over the names alone (``bm25_names/``, where
 a short name is not drowned by a long passage). In hybrid mode they add two rankings, weighted by
 ``retrieval.name_weight`` (exact matches) and ``retrieval.name_bm25_weight``, so typing a concept's name,
-or most of one of its lay names, finds that concept. The name table serves unsharded local indexes.
+or most of one of its lay names, finds that concept. Documents with ``metadata["clinical"]`` (the default KB's
+clinical presentations) get BM25 over that text alone (``bm25_clinical/``): a ranking weighted by
+``retrieval.clinical_weight``, so a description of a patient meets the presentation it resembles without
+competing with 65k dictionary passages. The name table serves unsharded local indexes.
 
 >>> rrf_fuse([["a", "b"], ["b", "c"]], k=60)[0][0]
 'b'
@@ -96,6 +99,7 @@ def rrf_fuse(
 
 NAMES_FILE = "names.npz"
 NAMES_BM25_DIR = "bm25_names"
+CLINICAL_BM25_DIR = "bm25_clinical"
 _MAX_ROWS_PER_NAME = 20
 
 
@@ -116,6 +120,14 @@ def _write_names(path: Path, names: dict[str, list[int]]) -> None:
     pairs = sorted((_name_hash(k), r) for k, rows in names.items() for r in rows[:_MAX_ROWS_PER_NAME])
     np.savez(path, keys=np.asarray([h for h, _ in pairs], dtype=np.int64),
              rows=np.asarray([r for _, r in pairs], dtype=np.int64))
+
+
+def _field_ranking(index: Any, queries: Sequence[str], depth: int) -> list[list[int]]:
+    """Rows ranked by a BM25 over one field (names, clinical text); rows that match nothing are left out."""
+    if index is None:
+        return [[] for _ in queries]
+    ids, scores = index.search(list(queries), min(depth, index.n_docs))
+    return [ids[i][scores[i] > 0].tolist() for i in range(len(queries))]
 
 
 def _index_text(d: dict[str, Any]) -> str:
@@ -185,6 +197,11 @@ class HybridRetriever(Retriever):
         self._lock = threading.Lock()
         self._names: tuple[np.ndarray, np.ndarray] | None = None
         self._names_bm25: Any = None
+        self._clinical_bm25: Any = None
+        if path is not None and (Path(path) / CLINICAL_BM25_DIR).is_dir():
+            from medrwr.retrieval.index.bm25 import BM25Index
+
+            self._clinical_bm25 = BM25Index.load(Path(path) / CLINICAL_BM25_DIR, n_threads=self.config.n_threads)
         if path is not None and (Path(path) / NAMES_FILE).is_file():
             from medrwr.retrieval.index.bm25 import BM25Index
 
@@ -331,10 +348,11 @@ class HybridRetriever(Retriever):
 
     def _name_bm25(self, queries: Sequence[str], depth: int) -> list[list[int]]:
         """Per query: the rows ranked by BM25 over their names alone (empty without a name table)."""
-        if self._names_bm25 is None:
-            return [[] for _ in queries]
-        ids, scores = self._names_bm25.search(list(queries), min(depth, self._names_bm25.n_docs))
-        return [ids[i][scores[i] > 0].tolist() for i in range(len(queries))]
+        return _field_ranking(self._names_bm25, queries, depth)
+
+    def _clinical(self, queries: Sequence[str], depth: int) -> list[list[int]]:
+        """Per query: the rows ranked by BM25 over their clinical text alone (empty without one)."""
+        return _field_ranking(self._clinical_bm25, queries, depth)
 
     def explain(self, queries: Sequence[str], k: int = 3, mode: str | None = None) -> list[list[dict[str, Any]]]:
         """Per query, per hit (as :meth:`search` returns them): its BM25 / dense rank and score, whether
@@ -352,6 +370,7 @@ class HybridRetriever(Retriever):
                    for m in ("bm25", "dense") if m in parts}
             names = set(parts["names"][q]) if "names" in parts else set()
             name_rank = {r: i + 1 for i, r in reversed(list(enumerate(parts.get("name_bm25", [[]] * len(queries))[q])))}
+            clinical_rank = {r: i + 1 for i, r in reversed(list(enumerate(parts.get("clinical", [[]] * len(queries))[q])))}
             rows_info = []
             for h, row in zip(qhits, rows):
                 info: dict[str, Any] = {"doc_id": h.doc_id, "title": h.title, "source": h.source, "mode": mode,
@@ -361,6 +380,7 @@ class HybridRetriever(Retriever):
                     info[m] = None if rank_score is None else {"rank": rank_score[0], "score": float(rank_score[1])}
                 info["name_match"] = row in names
                 info["name_bm25_rank"] = name_rank.get(row)
+                info["clinical_rank"] = clinical_rank.get(row)
                 rows_info.append(info)
             out.append(rows_info)
         return out
@@ -386,10 +406,11 @@ class HybridRetriever(Retriever):
         if mode == "hybrid":
             names = [self.name_matches(q) for q in queries] if cfg.name_weight > 0 else [[] for _ in queries]
             by_names = self._name_bm25(queries, depth) if cfg.name_bm25_weight > 0 else [[] for _ in queries]
-            parts["names"], parts["name_bm25"] = names, by_names
-            weights = [cfg.bm25_weight, cfg.dense_weight, cfg.name_weight, cfg.name_bm25_weight]
-            ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0], names[i], by_names[i]], weights, cfg.rrf_k)
-                      for i in range(len(queries))]
+            clinical = self._clinical(queries, depth) if cfg.clinical_weight > 0 else [[] for _ in queries]
+            parts["names"], parts["name_bm25"], parts["clinical"] = names, by_names, clinical
+            weights = [cfg.bm25_weight, cfg.dense_weight, cfg.name_weight, cfg.name_bm25_weight, cfg.clinical_weight]
+            ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0], names[i], by_names[i], clinical[i]],
+                               weights, cfg.rrf_k) for i in range(len(queries))]
         else:
             ranked = [list(zip(rows, scores)) for rows, scores in merged[mode]]
         return ranked, parts
@@ -486,10 +507,14 @@ def build_index(
         writer = DocStoreWriter(tmp)
         names: dict[str, list[int]] = {}
         name_texts: list[str] = []  # per row: its names (or its title), for the name BM25
+        clinical_texts: list[str] = []  # per row: its clinical presentation ("" when none)
         try:
             for doc in tqdm(documents, desc="read documents", unit="doc", disable=not show_progress):
                 if not isinstance(doc, Document):
                     raise TypeError(f"build_index needs Document objects, got {type(doc).__name__}")
+                clinical_texts.append(str((doc.metadata or {}).get("clinical") or ""))
+                if doc.metadata and "clinical" in doc.metadata:  # indexed alone; the passage text holds it too
+                    doc = dataclasses.replace(doc, metadata={k: v for k, v in doc.metadata.items() if k != "clinical"})
                 if doc.metadata and "names" in doc.metadata:  # to the name table, not stored per document
                     row = len(writer)
                     for nm in doc.metadata["names"]:
@@ -533,7 +558,12 @@ def build_index(
                                        stopwords=cfg.stopwords)
                 names_bm25.index(name_texts)
                 names_bm25.save(tmp / NAMES_BM25_DIR)
-            del name_texts
+            if any(clinical_texts):
+                clinical_bm25 = BM25Index(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stemmer=cfg.stemmer,
+                                          stopwords=cfg.stopwords)
+                clinical_bm25.index(clinical_texts)
+                clinical_bm25.save(tmp / CLINICAL_BM25_DIR)
+            del name_texts, clinical_texts
             enc_info = dense_info = None
             if use_dense:
                 enc_info, dense_info = _build_dense(store, tmp, cfg, encoder, show_progress)
@@ -556,6 +586,7 @@ def build_index(
             "build_config": cfg.settings(),
             "build_seconds": round(time.perf_counter() - t0, 2),
             "names": {"file": NAMES_FILE, "distinct": len(names)} if names else None,
+            "clinical": {"dir": CLINICAL_BM25_DIR} if (tmp / CLINICAL_BM25_DIR).is_dir() else None,
         }
         manifest.update(extra)
         write_manifest(tmp, manifest, known_sha256={DOCS_FILE: writer.corpus_sha256})
