@@ -287,8 +287,10 @@ def test_real_smollm2_from_the_cache_equals_the_gguf_loaded_directly(smollm2_ggu
     assert marker["source_size"] == smollm2_gguf.stat().st_size and len(marker["source_sha256"]) == 64
 
     folder_, name = str(smollm2_gguf.parent), smollm2_gguf.name
-    direct = hf.HFBackend(
-        AutoModelForCausalLM.from_pretrained(folder_, gguf_file=name).eval(),
+    from medrwr.rollout.backends.attention import use_grouped_sdpa
+
+    direct = hf.HFBackend(  # the attention load_hf_policy gives a CPU text model, so the kernels are the same
+        use_grouped_sdpa(AutoModelForCausalLM.from_pretrained(folder_, gguf_file=name).eval()),
         load_tokenizer(folder_, gguf_file=name),
         temperature=0,
     )

@@ -7,6 +7,10 @@ on a GPU ``enable_gqa`` with a mask would leave the fast kernels. On a CPU the m
 of SmolLM2 (9 query / 3 key-value heads) for 16 rows at 465 cached tokens spends 37 ms in attention instead of
 162 ms. :func:`use_grouped_sdpa` switches a loaded text model to this implementation (``medrwr_sdpa``); the
 arguments and the mask are sdpa's own.
+
+A decode step (one query token) skips sdpa for two grouped matmuls (:func:`_decode_attention`): equal to sdpa
+within float32 rounding (~5e-7, not bit for bit) and 1.6x faster. With ``model.dtype: bfloat16`` (matmuls ~2x
+faster on CPUs with native bf16) prefill attention runs in float32 and decode attention normalises in float32.
 """
 
 from __future__ import annotations
