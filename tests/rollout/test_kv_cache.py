@@ -224,9 +224,9 @@ def test_growing_layers_append_in_place_and_equal_concatenation(text_lm):
 
     g = torch.Generator().manual_seed(0)
     states = [(torch.randn(2, 2, n, 4, generator=g), torch.randn(2, 2, n, 4, generator=g)) for n in (5, 1, 1, 1)]
-    model = text_lm[0]
-    cache = growing_cache(model.config, [states[0]] * len(model.model.layers))
+    cache = growing_cache(text_lm[0].config)
     layer = cache.layers[0]
+    layer.update(*states[0])
     ptr = layer.keys.data_ptr()
     for k, v in states[1:]:
         keys, values = layer.update(k, v)
@@ -240,3 +240,9 @@ def test_growing_layers_append_in_place_and_equal_concatenation(text_lm):
     keys, _ = layer.update(states[1][0][:1], states[1][1][:1])
     assert keys.shape == (1, 2, 309, 4) and torch.equal(keys[0, :, -1], states[1][0][0, :, 0])
     assert cache.get_seq_length() == 309
+    fresh = growing_cache(text_lm[0].config).layers[0]  # a batch assembled from kept entries: written in place
+    fresh.reserve(states[0][0], states[0][1], 3, 7)
+    assert fresh.keys.shape == (3, 2, 7, 4) and not fresh.keys.any() and fresh.get_seq_length() == 7
+    fresh.keys[1, :, 2:7] = states[0][0][0]
+    keys, _ = fresh.update(states[1][0][:1].expand(3, -1, -1, -1), states[1][1][:1].expand(3, -1, -1, -1))
+    assert keys.data_ptr() == fresh._buffers[0].data_ptr() and torch.equal(keys[1, :, 2:7], states[0][0][0])

@@ -133,18 +133,25 @@ def _growing_layer_class() -> type:
             self.keys, self.values = buf[0][..., : n + m, :], buf[1][..., : n + m, :]
             return self.keys, self.values
 
+        def reserve(self, like_keys: Any, like_values: Any, rows: int, length: int) -> None:
+            """Zeroed keys/values of ``rows`` x ``length`` tokens, written in place by the caller, with headroom
+            after them (so a batch assembled from kept entries is written once, straight into the buffer)."""
+            self.lazy_initialization(like_keys, like_values)
+            cap = length + self.HEADROOM
+            self._buffers = (like_keys.new_zeros((rows, like_keys.shape[1], cap, like_keys.shape[3])),
+                             like_values.new_zeros((rows, like_values.shape[1], cap, like_values.shape[3])))
+            self.keys, self.values = self._buffers[0][..., :length, :], self._buffers[1][..., :length, :]
+
     return GrowingLayer
 
 
-def growing_cache(config: Any, layers: Sequence[tuple[Any, Any]] = ()) -> Any:
-    """A ``DynamicCache`` of :class:`GrowingLayer` s holding ``layers`` (``(keys, values)`` per layer) so far."""
+def growing_cache(config: Any) -> Any:
+    """An empty ``DynamicCache`` of :class:`GrowingLayer` s."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     layer = _growing_layer_class()
     cache.layers = [layer() for _ in cache.layers]
-    for target, (k, v) in zip(cache.layers, layers):
-        target.update(k, v)
     return cache
 
 
@@ -244,12 +251,15 @@ class TurnKVCache:
                        use_cache=True, logits_to_keep=1)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
+    def _drop(self, key: tuple[int, ...]) -> None:
+        """Remove the entry for ``key`` (if kept), keeping the token count."""
+        if self.entries.pop(key, None) is not None:
+            self.tokens -= len(key)
+
     def _put(self, key: tuple[int, ...], layers: list[tuple[Any, Any]]) -> None:
         """Store (or replace) the entry for ``key`` as the most recent, keeping the token count."""
-        if key in self.entries:
-            self.tokens -= len(key)
+        self._drop(key)
         self.entries[key] = layers
-        self.entries.move_to_end(key)
         self.tokens += len(key)
 
     def _prefill_rows_alone(self, keys: Sequence[tuple[int, ...]], found: Sequence[tuple[Any, int]]) -> bool:
@@ -271,9 +281,7 @@ class TurnKVCache:
             if entry is not None and n == len(entry):
                 consumed.add(entry)
         for entry in consumed - set(keys):  # extended by every row that used it: the longer entries replace it
-            if entry in self.entries:
-                del self.entries[entry]
-                self.tokens -= len(entry)
+            self._drop(entry)
         return True
 
     def prepare(self, rows: Sequence[Sequence[int]], batch: dict[str, Any],
@@ -312,25 +320,23 @@ class TurnKVCache:
         width = c + max(len(k) - n for k, n in zip(keys, hits))
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        template = next(self.entries[key] for key, n in found if n)
-        layers = []
-        for k0, v0 in template:
-            shape = (len(rows), k0.shape[1], c, k0.shape[3])
-            layers.append((k0.new_zeros(shape), v0.new_zeros(shape)))
+        cache = growing_cache(config)
+        for layer, (k0, v0) in zip(cache.layers, next(self.entries[key] for key, n in found if n)):
+            layer.reserve(k0, v0, len(rows), c)
         for b, (key, (entry, n)) in enumerate(zip(keys, found)):
             ids[b, width - len(key) :] = torch.as_tensor([int(t) for t in rows[b]])
             mask[b, c - n : c] = 1
             mask[b, width - (len(key) - n) :] = 1
             if n:
                 self.entries.move_to_end(entry)
-                for (kb, vb), (ke, ve) in zip(layers, self.entries[entry]):
-                    kb[b, :, c - n : c] = ke[0, :, :n]
-                    vb[b, :, c - n : c] = ve[0, :, :n]
+                for layer, (ke, ve) in zip(cache.layers, self.entries[entry]):
+                    layer.keys[b, :, c - n : c] = ke[0, :, :n]
+                    layer.values[b, :, c - n : c] = ve[0, :, :n]
         batch["input_ids"], batch["attention_mask"] = ids, mask
         shown = None if self.vl is None else self.vl.finish(batch, rows, mms, hits, self.pad_token_id)
         self.reused_tokens += reused
         used = [e for e, n in found if e is not None and n == len(e)]
-        return Prepared(growing_cache(config, layers), mask.clone(), hits, used, keys, shown)
+        return Prepared(cache, mask.clone(), hits, used, keys, shown)
 
     def keep(self, prep: Prepared, rows: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> None:
         """Store each row's keys/values for its ids + all but the last new token (the last was never fed)."""
@@ -341,9 +347,7 @@ class TurnKVCache:
             return
         length = layers[0].get_seq_length()
         for e in prep.used:
-            if e in self.entries:
-                del self.entries[e]
-                self.tokens -= len(e)
+            self._drop(e)
         for b, (row, out) in enumerate(zip(rows, outputs)):
             fed = max(len(out) - 1, 0)
             key = (prep.keys[b] if prep.keys else tuple(int(t) for t in row)) + tuple(int(t) for t in out[:fed])
@@ -358,8 +362,7 @@ class TurnKVCache:
                     for layer in layers]
             self._put(key, kept)
         while self.tokens > self.max_tokens and self.entries:
-            old, _ = self.entries.popitem(last=False)
-            self.tokens -= len(old)
+            self._drop(next(iter(self.entries)))  # the least recently used
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
