@@ -37,7 +37,7 @@ from medrwr.eval.text_policy import ChatPolicyEngine, api_key_from_env, is_opena
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalEngines", "Progress", "run_eval", "run_identity"]
+__all__ = ["EvalEngines", "Progress", "run_eval"]
 
 _META_KEYS = ("modality", "question_type", "subject", "content_type", "medical_task", "body_part")
 
@@ -283,14 +283,6 @@ def _run_batch(engines: EvalEngines, mode: str, records: list[EvalRecord], want_
     return _score(engines, mode, records, traces, rag, [per_item] * len(records), want_rwr)
 
 
-def _streams(engines: EvalEngines, mode: str) -> bool:
-    """Whether ``mode`` runs with continuous batching: our own engine without CDIR (CDIR revisits finished
-    rows, and text-level policies batch by concurrency instead)."""
-    from medrwr.rollout.engine import RolloutEngine
-
-    return mode != "rwr_cdir" and isinstance(engines.get(mode), RolloutEngine)
-
-
 def _run_streaming(engines: EvalEngines, mode: str, pending: list[EvalRecord], store: ResultStore,
                    report: Callable[[int], None]) -> None:
     """Continuous batching over every pending item: up to ``eval.batch_size`` rows at once; at each turn boundary
@@ -423,7 +415,9 @@ def run_eval(
             if pending:
                 engines.get(mode)  # load the policy/retriever before the clock starts
             tally = _Tally(Progress(mode, 0, len(pending), 0.0, skipped), on_progress)
-            if pending and _streams(engines, mode):
+            # continuous batching on our own engine without CDIR (CDIR revisits finished rows; text-level
+            # openai: policies batch by concurrency instead)
+            if pending and mode != "rwr_cdir" and not engines.openai:
                 _run_streaming(engines, mode, pending, store, tally.add)
             else:
                 bs = cfg.eval.batch_size
