@@ -100,6 +100,8 @@ def rrf_fuse(
 NAMES_FILE = "names.npz"
 NAMES_BM25_DIR = "bm25_names"
 CLINICAL_BM25_DIR = "bm25_clinical"
+_FIELD_KEYS = frozenset({"names", "clinical"})
+"""Document metadata indexed on its own (name table, name BM25, clinical BM25) and not stored per document."""
 _MAX_ROWS_PER_NAME = 20
 
 
@@ -120,6 +122,28 @@ def _write_names(path: Path, names: dict[str, list[int]]) -> None:
     pairs = sorted((_name_hash(k), r) for k, rows in names.items() for r in rows[:_MAX_ROWS_PER_NAME])
     np.savez(path, keys=np.asarray([h for h, _ in pairs], dtype=np.int64),
              rows=np.asarray([r for _, r in pairs], dtype=np.int64))
+
+
+def _new_bm25(cfg: RetrievalConfig) -> Any:
+    """An empty BM25 index with the configured parameters (passages, names and clinical text alike)."""
+    from medrwr.retrieval.index.bm25 import BM25Index
+
+    return BM25Index(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stemmer=cfg.stemmer,
+                     stopwords=cfg.stopwords)
+
+
+def _load_field_bm25(path: Path, cfg: RetrievalConfig) -> Any:
+    """The BM25 over one field (names, clinical text) saved at ``path``, or None when the index has none."""
+    if not path.is_dir():
+        return None
+    from medrwr.retrieval.index.bm25 import BM25Index
+
+    return BM25Index.load(path, n_threads=cfg.n_threads)
+
+
+def _first_ranks(rows: Sequence[int]) -> dict[int, int]:
+    """Row -> its 1-based rank in one ranking (the first place it appears)."""
+    return {r: i + 1 for i, r in reversed(list(enumerate(rows)))}
 
 
 def _field_ranking(index: Any, queries: Sequence[str], depth: int) -> list[list[int]]:
@@ -196,19 +220,13 @@ class HybridRetriever(Retriever):
         self._encoder = encoder
         self._lock = threading.Lock()
         self._names: tuple[np.ndarray, np.ndarray] | None = None
-        self._names_bm25: Any = None
-        self._clinical_bm25: Any = None
-        if path is not None and (Path(path) / CLINICAL_BM25_DIR).is_dir():
-            from medrwr.retrieval.index.bm25 import BM25Index
-
-            self._clinical_bm25 = BM25Index.load(Path(path) / CLINICAL_BM25_DIR, n_threads=self.config.n_threads)
-        if path is not None and (Path(path) / NAMES_FILE).is_file():
-            from medrwr.retrieval.index.bm25 import BM25Index
-
-            with np.load(Path(path) / NAMES_FILE) as z:  # a few MB of int64: milliseconds
-                self._names = (z["keys"], z["rows"])
-            if (Path(path) / NAMES_BM25_DIR).is_dir():
-                self._names_bm25 = BM25Index.load(Path(path) / NAMES_BM25_DIR, n_threads=self.config.n_threads)
+        self._names_bm25 = self._clinical_bm25 = None
+        if path is not None:
+            self._clinical_bm25 = _load_field_bm25(Path(path) / CLINICAL_BM25_DIR, self.config)
+            if (Path(path) / NAMES_FILE).is_file():
+                with np.load(Path(path) / NAMES_FILE) as z:  # a few MB of int64: milliseconds
+                    self._names = (z["keys"], z["rows"])
+                self._names_bm25 = _load_field_bm25(Path(path) / NAMES_BM25_DIR, self.config)
 
     # ------------------------------------------------------------------ opening
 
@@ -369,8 +387,8 @@ class HybridRetriever(Retriever):
             pos = {m: {r: (i + 1, s) for i, (r, s) in reversed(list(enumerate(zip(*parts[m][q]))))}
                    for m in ("bm25", "dense") if m in parts}
             names = set(parts["names"][q]) if "names" in parts else set()
-            name_rank = {r: i + 1 for i, r in reversed(list(enumerate(parts.get("name_bm25", [[]] * len(queries))[q])))}
-            clinical_rank = {r: i + 1 for i, r in reversed(list(enumerate(parts.get("clinical", [[]] * len(queries))[q])))}
+            name_rank = _first_ranks(parts["name_bm25"][q]) if "name_bm25" in parts else {}
+            clinical_rank = _first_ranks(parts["clinical"][q]) if "clinical" in parts else {}
             rows_info = []
             for h, row in zip(qhits, rows):
                 info: dict[str, Any] = {"doc_id": h.doc_id, "title": h.title, "source": h.source, "mode": mode,
@@ -491,8 +509,6 @@ def build_index(
     """
     from tqdm.auto import tqdm
 
-    from medrwr.retrieval.index.bm25 import BM25Index
-
     cfg = config or RetrievalConfig()
     use_dense = bool(dense and cfg.dense)
     extra = dict(extra_manifest or {})
@@ -512,19 +528,19 @@ def build_index(
             for doc in tqdm(documents, desc="read documents", unit="doc", disable=not show_progress):
                 if not isinstance(doc, Document):
                     raise TypeError(f"build_index needs Document objects, got {type(doc).__name__}")
-                clinical_texts.append(str((doc.metadata or {}).get("clinical") or ""))
-                if doc.metadata and "clinical" in doc.metadata:  # indexed alone; the passage text holds it too
-                    doc = dataclasses.replace(doc, metadata={k: v for k, v in doc.metadata.items() if k != "clinical"})
-                if doc.metadata and "names" in doc.metadata:  # to the name table, not stored per document
+                meta = doc.metadata or {}
+                clinical_texts.append(str(meta.get("clinical") or ""))  # the passage text holds it too
+                if "names" in meta:  # to the name table
                     row = len(writer)
-                    for nm in doc.metadata["names"]:
+                    for nm in meta["names"]:
                         rows = names.setdefault(name_norm(str(nm)), [])
                         if not rows or rows[-1] != row:
                             rows.append(row)
-                    name_texts.append("; ".join(str(x) for x in doc.metadata["names"]))
-                    doc = dataclasses.replace(doc, metadata={k: v for k, v in doc.metadata.items() if k != "names"})
+                    name_texts.append("; ".join(str(x) for x in meta["names"]))
                 else:
                     name_texts.append(doc.title)
+                if meta.keys() & _FIELD_KEYS:  # indexed on their own, not stored per document
+                    doc = dataclasses.replace(doc, metadata={k: v for k, v in meta.items() if k not in _FIELD_KEYS})
                 writer.add(doc)
         finally:
             writer.close()
@@ -536,13 +552,7 @@ def build_index(
             raise ValueError("the corpus has no documents; nothing to index")
         store = DocStore(tmp)
         try:
-            bm25 = BM25Index(
-                k1=cfg.bm25_k1,
-                b=cfg.bm25_b,
-                method=cfg.bm25_method,
-                stemmer=cfg.stemmer,
-                stopwords=cfg.stopwords,
-            )
+            bm25 = _new_bm25(cfg)
             bm25.index(
                 tqdm(
                     store.iter_texts(_index_text),
@@ -553,16 +563,12 @@ def build_index(
                 ),
             )
             bm25.save(tmp / BM25_DIR)
-            if names:
-                names_bm25 = BM25Index(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stemmer=cfg.stemmer,
-                                       stopwords=cfg.stopwords)
-                names_bm25.index(name_texts)
-                names_bm25.save(tmp / NAMES_BM25_DIR)
-            if any(clinical_texts):
-                clinical_bm25 = BM25Index(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stemmer=cfg.stemmer,
-                                          stopwords=cfg.stopwords)
-                clinical_bm25.index(clinical_texts)
-                clinical_bm25.save(tmp / CLINICAL_BM25_DIR)
+            for texts, wanted, folder in ((name_texts, bool(names), NAMES_BM25_DIR),
+                                          (clinical_texts, any(clinical_texts), CLINICAL_BM25_DIR)):
+                if wanted:
+                    field_bm25 = _new_bm25(cfg)
+                    field_bm25.index(texts)
+                    field_bm25.save(tmp / folder)
             del name_texts, clinical_texts
             enc_info = dense_info = None
             if use_dense:
