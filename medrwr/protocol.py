@@ -384,13 +384,20 @@ def sanitize_document(text: str) -> str:
     return _TAG_TEXT_RE.sub(lambda m: m.group(0).replace("<", "‹").replace(">", "›"), text)
 
 
+def clean_document(text: str) -> str:
+    """A document as it is inserted: protocol tags neutralised, whitespace runs collapsed to one space."""
+    return " ".join(sanitize_document(text).split())
+
+
+def numbered_documents(documents: Sequence[str]) -> str:
+    """``(1) ...`` lines of the non-empty documents, cleaned (the body of a retrieve block); ``""`` when none."""
+    docs = [clean_document(d) for d in documents if d and d.strip()]
+    return "\n".join(f"({i}) {d}" for i, d in enumerate(docs, 1))
+
+
 def format_retrieval(documents: Sequence[str]) -> str:
     """The retrieve block inserted after a query: numbered documents, or ``None`` when empty."""
-    docs = [" ".join(sanitize_document(d).split()) for d in documents if d and d.strip()]
-    if not docs:
-        return "<retrieve>\nNone\n</retrieve>\n"
-    body = "\n".join(f"({i}) {d}" for i, d in enumerate(docs, 1))
-    return f"<retrieve>\n{body}\n</retrieve>\n"
+    return f"<retrieve>\n{numbered_documents(documents) or 'None'}\n</retrieve>\n"
 
 
 _FAILED = "Retrieval failed:"
@@ -400,7 +407,7 @@ _DOC_NUMBER_RE = re.compile(r"(?m)^\s*\(\d+\)\s*")
 
 def format_retrieval_failure(reason: str) -> str:
     """The retrieve block inserted when the retriever failed; the rollout continues."""
-    reason = " ".join(sanitize_document(reason).split())[:300] or "unknown error"
+    reason = clean_document(reason)[:300] or "unknown error"
     return f"<retrieve>\n{_FAILED} {reason}\n</retrieve>\n"
 
 
@@ -444,6 +451,7 @@ __all__ = [
     "THINK",
     "ParsedCompletion",
     "Segment",
+    "clean_document",
     "extract_choice",
     "extract_yes_no",
     "format_question",
@@ -452,6 +460,7 @@ __all__ = [
     "format_retrieval_failure",
     "letter_token_ids",
     "normalize_text",
+    "numbered_documents",
     "option_letters_in",
     "parse_completion",
     "retrieved_documents",

@@ -83,9 +83,7 @@ def question_text(record: EvalRecord, documents: list[str] | None = None) -> str
     """The question as the user message holds it; ``rag`` puts the retrieved documents above it."""
     if not documents:
         return record.question
-    docs = [" ".join(protocol.sanitize_document(d).split()) for d in documents if d and d.strip()]
-    body = "\n".join(f"({i}) {d}" for i, d in enumerate(docs, 1)) or "None"
-    return f"Reference documents:\n{body}\n\nQuestion: {record.question}"
+    return f"Reference documents:\n{protocol.numbered_documents(documents) or 'None'}\n\nQuestion: {record.question}"
 
 
 _HEAVY = ("prompt_ids", "completion_ids", "completion_mask", "logprobs")

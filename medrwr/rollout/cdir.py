@@ -88,7 +88,7 @@ def _consultation_ids(
         img_ids, img_mm = engine.backend.encode_image(image)
         ids += img_ids
         mm = img_mm if mm is None else mm.extended(img_mm)
-        report = " ".join(protocol.sanitize_document(hit.report).split()) or "No report."
+        report = protocol.clean_document(hit.report) or "No report."
         report_ids = codec.encode(report)
         room = max(engine.config.max_inserted_tokens - 16, 8)
         if len(report_ids) > room:

@@ -90,7 +90,7 @@ def fit_retrieval_block(codec: TokenCodec, docs: Sequence[str], budget: int) -> 
     ids = codec.encode(text)
     if len(ids) <= budget:
         return text, ids, False
-    doc_ids = [codec.encode(" ".join(protocol.sanitize_document(d).split())) for d in docs]
+    doc_ids = [codec.encode(protocol.clean_document(d)) for d in docs]
     skeleton = len(codec.encode(protocol.format_retrieval(["x"] * len(docs)))) - len(docs)
     room = max(budget - skeleton - 2 * len(docs), len(docs))
     for _ in range(8):
@@ -108,7 +108,7 @@ def fit_documents(codec: TokenCodec, docs: Sequence[str], budget: int) -> tuple[
     """``(documents, truncated)``: ``docs`` (sanitised, whitespace-normalised) in at most ``budget`` tokens in all,
     cut as :func:`fit_retrieval_block` cuts them; the ``rag`` evaluation mode gives its documents the budget one
     retrieval round of the loop gets (``rollout.max_inserted_tokens``)."""
-    clean = [" ".join(protocol.sanitize_document(d).split()) for d in docs]
+    clean = [protocol.clean_document(d) for d in docs]
     doc_ids = [codec.encode(d) for d in clean]
     if sum(len(d) for d in doc_ids) <= budget:
         return clean, False
