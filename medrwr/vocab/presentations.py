@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from importlib import resources
 
 from medrwr.errors import VocabularyError
+from medrwr.vocab.concepts import _data_text
 
 SOURCE = "MedRwR-presentations"
 """The source label passages carry when they include a presentation."""
@@ -36,8 +36,7 @@ class Presentation:
 def presentations() -> dict[tuple[str, str], Presentation]:
     """Every shipped presentation by ``(concept id, concept name)``, read once per process."""
     out: dict[tuple[str, str], Presentation] = {}
-    raw = resources.files("medrwr.vocab").joinpath("data", _FILE).read_text(encoding="utf-8")
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(_data_text(_FILE).splitlines(), 1):
         if not line.strip():
             continue
         try:
