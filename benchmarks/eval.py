@@ -38,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward_clock import ForwardClock, split_ratios  # noqa: E402
 
 
 def write_questions(path: Path, n: int, seed: int = 0) -> Path:
@@ -65,7 +67,8 @@ def write_questions(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def bench_mode(cfg_overrides: list[str], mode: str, data: Path, work: Path, backend: Any, batch: int) -> dict:
+def bench_mode(cfg_overrides: list[str], mode: str, data: Path, work: Path, backend: Any, batch: int,
+               clock: Any = None) -> dict:
     from medrwr.config import load_config
     from medrwr.eval.results import read_results
     from medrwr.eval.runner import EvalEngines, run_eval
@@ -78,6 +81,8 @@ def bench_mode(cfg_overrides: list[str], mode: str, data: Path, work: Path, back
             kv.clear()  # both arms start cold: the second arm must not reuse the first's cached prompts
         cfg = load_config(None, [*cfg_overrides, f"eval.modes=[{mode}]", f"eval.batch_size={bs}"])
         run_dir = work / f"{mode}-{label}"
+        if clock is not None:
+            clock.reset()
         summary = run_eval(cfg, "jsonl", data, run_dir, engines=EvalEngines(cfg, [mode], backend=backend))
         t = summary["timings"][mode]
         rows = read_results(run_dir)
@@ -86,6 +91,10 @@ def bench_mode(cfg_overrides: list[str], mode: str, data: Path, work: Path, back
                       "items_per_s": round(t["items_per_s"], 3),
                       "accuracy": sum(r["verdict"]["correct"] for r in rows) / len(rows),
                       "mean_rounds": sum(r["trace"]["rounds"] for r in rows) / len(rows)}
+        if clock is not None:
+            out[label]["forward"] = clock.snapshot()
+    if clock is not None:
+        out["split"] = split_ratios(out["batched"]["forward"], out["single"]["forward"])
     out["speedup"] = round(out["batched"]["items_per_s"] / out["single"]["items_per_s"], 2)
     same = sum(answers["batched"][k] == answers["single"].get(k) for k in answers["batched"])
     out["same_answer"] = same / len(answers["batched"])
@@ -94,14 +103,23 @@ def bench_mode(cfg_overrides: list[str], mode: str, data: Path, work: Path, back
 
 def _table(rows: list[dict]) -> str:
     head = f"{'mode':<8} {'items':>5} {'batched it/s':>13} {'single it/s':>12} {'speedup':>8} {'same ans':>9} " \
-           f"{'acc b/s':>11} {'rounds':>6}"
+           f"{'acc b/s':>11} {'rounds':>6} {'prefill s b/s':>14} {'decode s b/s':>13} {'decode x':>8} {'bound':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         b, s = r["batched"], r["single"]
         lines.append(f"{r['mode']:<8} {b['items']:>5} {b['items_per_s']:>13.3f} {s['items_per_s']:>12.3f} "
                      f"{r['speedup']:>7.2f}x {100 * r['same_answer']:>8.0f}% "
-                     f"{100 * b['accuracy']:>5.0f}/{100 * s['accuracy']:<5.0f} {b['mean_rounds']:>6.2f}")
+                     f"{100 * b['accuracy']:>5.0f}/{100 * s['accuracy']:<5.0f} {b['mean_rounds']:>6.2f}"
+                     + _split_cells(r))
     return "\n".join(lines)
+
+
+def _split_cells(r: dict) -> str:
+    if "split" not in r:
+        return ""
+    fb, fs, sp = r["batched"]["forward"], r["single"]["forward"], r["split"]
+    return (f" {fb['prefill_s']:>6.1f}/{fs['prefill_s']:<7.1f} {fb['decode_s']:>6.1f}/{fs['decode_s']:<6.1f} "
+            f"{sp['decode_speedup']:>7.2f}x {sp['bound_if_decode_free']:>5.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     backend = build_backend(cfg.model, cfg.rollout)
     load_s = time.perf_counter() - t0
+    clock = ForwardClock(backend.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="medrwr-bench-eval-") as tmp:
         data = write_questions(Path(tmp) / "data", n)
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            rows.append(bench_mode(overrides, mode, data, Path(tmp), backend, args.batch_size))
+            rows.append(bench_mode(overrides, mode, data, Path(tmp), backend, args.batch_size, clock))
             print(_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     table = f"torch threads: {torch.get_num_threads()}; policy: packaged SmolLM2-135M-Instruct (load {load_s:.1f}s)\n"
     table += _table(rows)

@@ -41,6 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "serve.json"
+sys.path.insert(0, str(ROOT))
+from forward_clock import ForwardClock, split_ratios  # noqa: E402
 
 QUESTIONS = [
     ("Which vitamin deficiency causes scurvy?", ["vitamin C", "vitamin D", "vitamin B12", "vitamin K"]),
@@ -210,15 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with _Server(create_app(engine, scfg, model_name="smollm2"), scfg) as srv:
         kv = getattr(engine.backend, "kv_cache", None)  # the transformers backend's KV store (None when off)
+        clock = ForwardClock(engine.backend.model)
         for n in users:
             if kv is not None:
                 kv.clear()  # each arm starts cold: the second must not reuse the first's cached prompts
+            clock.reset()
             b = batched(srv.url, n)
+            b["forward"] = clock.snapshot()
             if kv is not None:
                 kv.clear()
+            clock.reset()
             s = one_at_a_time(engine, n)
+            s["forward"] = clock.snapshot()
             rows.append({"users": n, "batched": b, "sequential": s,
-                         "throughput_ratio": b["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None})
+                         "throughput_ratio": b["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None,
+                         "split": split_ratios(b["forward"], s["forward"])})
             print(f"  {n} users: batched {b['tokens_per_s']:.1f} tok/s, one-at-a-time {s['tokens_per_s']:.1f} tok/s",
                   flush=True)
     print()
@@ -232,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['latency_p50_s']:>8.2f} {m['latency_p95_s']:>8.2f} {m['wall_s']:>7.1f} "
                   f"{m['tokens_per_s']:>7.1f} {m['errors']:>6}")
         print(f"{'':>5} {'ratio':<14} throughput batched / one-at-a-time = {r['throughput_ratio']:.2f}x")
+        fb, fs, sp = r["batched"]["forward"], r["sequential"]["forward"], r["split"]
+        print(f"{'':>5} {'where':<14} prefill {fb['prefill_s']:.1f} s / {fs['prefill_s']:.1f} s, decode "
+              f"{fb['decode_s']:.1f} s / {fs['decode_s']:.1f} s (batched / one at a time): decode "
+              f"{sp['decode_speedup']:.2f}x; with free decoding at most {sp['bound_if_decode_free']:.2f}x")
     peak = _rss_mb("VmHWM")
     print(f"\npeak RSS {peak:.0f} MB; torch threads {args.threads}; think <= {args.think} tokens; "
           f"<= {args.max_tokens} model tokens per rollout")

@@ -274,13 +274,19 @@ class GrammarLogitsProcessor:
         grammars: Sequence[TurnGrammar | None],
         prompt_len: int,
         finished: Any = None,
+        consumed: Sequence[Sequence[int]] | None = None,
     ):
+        """``consumed``: each row's tokens already written in this turn by an earlier call (a paused row)."""
         import numpy as np
 
         self._np = np
         self.ll = ll_tokenizer(tokenizer, n_vocab)
         self.grammars = list(grammars)
         self.matchers = [new_matcher(self.ll, g) if g is not None else None for g in self.grammars]
+        for b, tokens in enumerate(consumed or ()):
+            m = self.matchers[b]
+            if m is not None and tokens and not m.consume_tokens([int(t) for t in tokens]):
+                raise ConstraintError(f"row {b}: its earlier tokens break the grammar ({m.get_error()[:300]})")
         self.prompt_len = prompt_len
         self.finished = finished or (lambda b: False)
         self.n_words = (n_vocab + 31) // 32

@@ -217,6 +217,31 @@ def test_rows_of_unequal_length_are_prefilled_alone_then_decoded_together(text_l
     assert backend.kv_cache.row_prefills == 2 and same[0].token_ids == same[1].token_ids
 
 
+def test_long_rows_of_near_equal_length_are_prefilled_alone_on_a_cpu(text_lm):
+    """Two long prompts 30% apart: a padded batch computes more than the rows alone plus one forward's fixed cost
+    each, so on a CPU each is prefilled alone (old rule: only below 75% fill); two short equal prompts stay batched.
+    Outputs equal the uncached path's either way."""
+    from medrwr.rollout.backends.kv_cache import ROW_PREFILL_OVERHEAD_CPU, SHARED_PREFIX_MIN
+
+    model, tok = text_lm
+    body = " ".join(["the pleural line and the lung markings"] * 14)
+    qs = (f"Describe {body}?", f"Explain {body}" + " and the heart borders" * 12 + "?")
+    prompts = [tok.encode(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n") for q in qs]
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts)) if a != b)
+    assert shared < SHARED_PREFIX_MIN  # no shared-prefix prefill first: each row's whole prompt is to do
+    todo = [len(p) - 1 for p in prompts]
+    assert sum(todo) >= 0.75 * 2 * max(todo)  # the old rule would have padded
+    assert sum(t + ROW_PREFILL_OVERHEAD_CPU for t in todo) < 2 * max(todo)
+    ref = HFBackend(model, tok, temperature=0, top_logprobs=3, kv_cache="off")
+    backend = HFBackend(model, tok, temperature=0, top_logprobs=3, kv_cache="on")
+    want = ref.generate([GenerationState(p) for p in prompts], [], 5)
+    got = backend.generate([GenerationState(p) for p in prompts], [], 5)
+    assert backend.kv_cache.row_prefills == 2
+    for a, b in zip(want, got):
+        assert b.token_ids == a.token_ids
+        assert np.allclose(b.logprobs, a.logprobs, atol=TOL, rtol=0)
+
+
 def test_growing_layers_append_in_place_and_equal_concatenation(text_lm):
     """The batch cache's layers write each step into a buffer with headroom (no whole-cache copy per step) and
     hold exactly what DynamicLayer's concatenation holds, also after crop / batch selection."""

@@ -32,14 +32,13 @@ from typing import Any
 from medrwr.rollout.backends.base import (
     BackendError,
     Continuation,
-    FinishReason,
     GenerationState,
     MultimodalInputs,
     PromptInputs,
-    find_stop,
     per_row_budgets,
 )
 from medrwr.rollout.backends.attention import use_grouped_sdpa
+from medrwr.rollout.backends.hf_steps import Recorder, Stops
 from medrwr.rollout.backends.kv_cache import resolve_kv_cache
 from medrwr.rollout.backends.policy_cache import (
     cache_writable,
@@ -55,98 +54,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HFBackend", "load_hf_policy"]
 
-_STOP_WINDOW = 24  # tokens decoded per step to look for a stop string (a stop string spans far fewer)
-
-
 def _torch():
     from medrwr._imports import require
 
     return require("torch", "models", "the transformers policy backend")
-
-
-class _Recorder:
-    """Logits processor recording per-step log-probabilities from the raw logits (see module docstring)."""
-
-    def __init__(self, watch_ids: Sequence[int], top_n: int, prompt_len: int):
-        torch = _torch()
-        self.watch = torch.as_tensor(list(watch_ids), dtype=torch.long) if watch_ids else None
-        self.top_n = top_n
-        self.prompt_len = prompt_len
-        self.token_lp: list[Any] = []
-        self.watch_lp: list[Any] = []
-        self.top_ids: list[Any] = []
-        self.top_lp: list[Any] = []
-        self._prev_scores = None
-        self._prev_lse = None
-
-    def _take_sampled(self, tokens) -> None:
-        lp = self._prev_scores.gather(1, tokens[:, None].to(self._prev_scores.device)).squeeze(1) - self._prev_lse
-        self.token_lp.append(lp)
-
-    def __call__(self, input_ids, scores):
-        torch = _torch()
-        if input_ids.shape[1] > self.prompt_len:
-            self._take_sampled(input_ids[:, -1])
-        raw = scores.float()
-        lse = torch.logsumexp(raw, dim=-1)
-        if self.watch is not None:
-            w = self.watch.to(raw.device)
-            self.watch_lp.append(raw[:, w] - lse[:, None])
-        if self.top_n:
-            v, i = raw.topk(self.top_n, dim=-1)
-            self.top_ids.append(i)
-            self.top_lp.append(v - lse[:, None])
-        self._prev_scores, self._prev_lse = raw, lse
-        return scores
-
-    def finish(self, last_tokens) -> None:
-        """Read the last step's sampled tokens (no processor call follows the final step)."""
-        if self._prev_scores is not None and last_tokens is not None:
-            self._take_sampled(last_tokens)
-            self._prev_scores = self._prev_lse = None
-
-    @staticmethod
-    def _stack(items: list[Any]):
-        return _torch().stack(items, dim=1).float().cpu() if items else None
-
-
-class _Stops:
-    """Stopping criterion: per-row stop strings, end-of-sequence and budgets; remembers why each row stopped."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int, budgets: list[int], eos: set[int],
-                 on_token: Any = None):
-        self.on_token = on_token  # on_token(row, token_id) -> True stops the row (serving: client gone)
-        self.tokenizer = tokenizer
-        self.stop = list(stop)
-        self.prompt_len = prompt_len
-        self.budgets = budgets
-        self.eos = eos
-        self.length: list[int | None] = [None] * len(budgets)
-        self.reason: list[FinishReason] = ["length"] * len(budgets)
-        self.stop_string: list[str | None] = [None] * len(budgets)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        torch = _torch()
-        n = input_ids.shape[1] - self.prompt_len
-        done = []
-        for b in range(input_ids.shape[0]):
-            if self.length[b] is None and n > 0:
-                last = int(input_ids[b, -1])
-                if self.on_token is not None and self.on_token(b, last):
-                    self.length[b], self.reason[b] = n, "length"
-                elif last in self.eos:
-                    self.length[b], self.reason[b] = n, "eos"
-                else:
-                    if self.stop:
-                        window = input_ids[b, max(self.prompt_len, input_ids.shape[1] - _STOP_WINDOW) :].tolist()
-                        text = self.tokenizer.decode(window, skip_special_tokens=False)
-                        hit = find_stop(text, self.stop)
-                        if hit is not None:
-                            self.length[b], self.reason[b], self.stop_string[b] = n, "stop", hit[1]
-                    if self.length[b] is None and n >= self.budgets[b]:
-                        self.length[b], self.reason[b] = n, "length"
-            done.append(self.length[b] is not None)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class HFBackend:
@@ -322,14 +233,16 @@ class HFBackend:
             raise BackendError(f"the ids hold {n_pad} image placeholder tokens but no image inputs were given")
         return batch
 
-    def _grammar_processor(self, constraints: Sequence[Any], n: int, width: int, stops: _Stops):
+    def _grammar_processor(self, constraints: Sequence[Any], n: int, width: int, stops: Stops,
+                           prefix: Sequence[Sequence[int]]):
         from medrwr.rollout.constrain import GrammarLogitsProcessor
 
         if len(constraints) != n:
             raise BackendError(f"constraints has {len(constraints)} entries for {n} states")
         n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
         return GrammarLogitsProcessor(
-            self.tokenizer, n_vocab, constraints, width, finished=lambda b: stops.length[b] is not None
+            self.tokenizer, n_vocab, constraints, width, finished=lambda b: stops.length[b] is not None,
+            consumed=prefix,
         )
 
     def generate(
@@ -343,14 +256,57 @@ class HFBackend:
         constraints: Sequence[Any] | None = None,
         on_token: Any = None,
     ) -> list[Continuation]:
-        torch = _torch()
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
+        """One turn for every row. Greedy with the KV store on (text models): once at most a quarter of a batch of four or
+        more rows is still running (each with > ``PAUSE_MIN_LEFT`` tokens to go), the call ends and those rows
+        continue in a smaller one from their kept keys: ``model.generate`` keeps computing finished rows, so a
+        long straggler would cost a full batch per step. The rows' tokens, log-probabilities, grammar state and
+        stop-string search carry over; greedy outputs are those of one call."""
         if not states:
             return []
         budgets = per_row_budgets(max_new_tokens, len(states))
         if max(budgets) == 0:
             return [Continuation([], [], "length") for _ in states]
+        # greedy only: a smaller batch draws other random numbers, and sampled rollouts must not depend on the store
+        # (and no caller-supplied logits processors: they may track rows by batch position across a call)
+        pausable = (self.kv_cache is not None and self.kv_cache.vl is None and not self.model.training
+                    and self.temperature == 0 and not self.logits_processors)
+        parts: list[list[Continuation]] = [[] for _ in states]
+        done = [0] * len(states)
+        rows = list(range(len(states)))
+        while rows:
+            seg_states = [GenerationState(list(states[i].ids) + _ids(parts[i]), states[i].mm, states[i].request_id)
+                          for i in rows]
+            outs, paused = self._generate_segment(
+                seg_states, stop, [budgets[i] - done[i] for i in rows],
+                watch_token_ids=watch_token_ids, top_logprobs=top_logprobs,
+                constraints=[constraints[i] for i in rows] if constraints is not None else None,
+                on_token=(lambda b, t, rows=rows: on_token(rows[b], t)) if on_token is not None else None,
+                prefix=[_ids(parts[i]) for i in rows],
+                pause_at=len(rows) // PAUSE_FRACTION if pausable and len(rows) >= PAUSE_MIN_ROWS else 0,
+            )
+            for i, out in zip(rows, outs):
+                parts[i].append(out)
+                done[i] += len(out.token_ids)
+            rows = [i for i, p in zip(rows, paused) if p]
+        return [_join(p) for p in parts]
+
+    def _generate_segment(
+        self,
+        states: Sequence[GenerationState],
+        stop: Sequence[str],
+        budgets: list[int],
+        *,
+        watch_token_ids: Sequence[int],
+        top_logprobs: int,
+        constraints: Sequence[Any] | None,
+        on_token: Any,
+        prefix: Sequence[Sequence[int]],
+        pause_at: int,
+    ) -> tuple[list[Continuation], list[bool]]:
+        """One ``model.generate`` call; returns each row's continuation and whether the row was paused."""
+        torch = _torch()
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
         batch = self._batch(states)
         turn = None
         if self.kv_cache is not None:
@@ -363,11 +319,12 @@ class HFBackend:
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         top_n = max(top_logprobs, self.top_logprobs)
-        recorder = _Recorder(watch_token_ids, top_n, width)
-        stops = _Stops(self.tokenizer, stop, width, budgets, self._eos, on_token)
+        recorder = Recorder(watch_token_ids, top_n, width)
+        stops = Stops(self.tokenizer, stop, width, budgets, self._eos, on_token, prefix=prefix, pause_at=pause_at,
+                      pause_min_left=PAUSE_MIN_LEFT)
         processors = [recorder]
         if constraints is not None and any(g is not None for g in constraints):
-            processors.append(self._grammar_processor(constraints, len(states), width, stops))
+            processors.append(self._grammar_processor(constraints, len(states), width, stops, prefix))
         processors.extend(self.logits_processors if turn is None else turn.wrap(self.logits_processors))
         if self.seed is not None:  # reproducible, but a fresh stream per call (turns and steps must not repeat)
             torch.manual_seed(self.seed + self.forward_calls)
@@ -390,11 +347,14 @@ class HFBackend:
             token_lp = torch.zeros((len(states), 0))
         watch = recorder._stack(recorder.watch_lp)
         tops = (torch.stack(recorder.top_ids, 1).cpu(), recorder._stack(recorder.top_lp)) if recorder.top_ids else None
-        out = []
+        out, paused = [], []
         for b in range(len(states)):
             n = stops.length[b]
             reason = stops.reason[b]
-            if n is None:  # stopped by generate itself (max_new_tokens for the batch or its own eos check)
+            held = stops.paused and n is None
+            if held:
+                n = steps
+            elif n is None:  # stopped by generate itself (max_new_tokens for the batch or its own eos check)
                 row = new[b].tolist()
                 n = next((i + 1 for i, t in enumerate(row) if t in self._eos), min(steps, budgets[b]))
                 reason = "eos" if n and row[n - 1] in self._eos else "length"
@@ -402,12 +362,13 @@ class HFBackend:
             lps = [float(x) for x in token_lp[b, :n].tolist()]
             if len(lps) != len(ids):
                 raise BackendError(f"recorded {len(lps)} log-probabilities for {len(ids)} tokens")
+            paused.append(held)
             out.append(
                 Continuation(
                     token_ids=ids,
                     logprobs=lps,
                     finish_reason=reason,
-                    stop_string=stops.stop_string[b] if reason == "stop" else None,
+                    stop_string=stops.stop_string[b] if reason == "stop" and not held else None,
                     watch_logprobs=watch[b, :n].numpy() if watch is not None else None,
                     top_ids=tops[0][b, :n].numpy() if tops else None,
                     top_logprobs=tops[1][b, :n].numpy() if tops else None,
@@ -415,7 +376,33 @@ class HFBackend:
             )
         if turn is not None:
             self.kv_cache.keep(turn, [s.ids for s in states], [c.token_ids for c in out])
-        return out
+        return out, paused
+
+
+PAUSE_MIN_ROWS = 4
+PAUSE_FRACTION = 4
+PAUSE_MIN_LEFT = 16
+"""A call of >= 4 rows pauses once <= 1/4 of them run, each with > 16 tokens of budget left."""
+
+
+def _ids(parts: Sequence[Continuation]) -> list[int]:
+    return [t for c in parts for t in c.token_ids]
+
+
+def _join(parts: Sequence[Continuation]) -> Continuation:
+    """One row's segments as one continuation (the last segment's finish reason)."""
+    if len(parts) == 1:
+        return parts[0]
+    import numpy as np
+
+    def cat(field: str):
+        arrays = [getattr(c, field) for c in parts]
+        return None if any(a is None for a in arrays) else np.concatenate(arrays, axis=0)
+
+    last = parts[-1]
+    return Continuation(token_ids=_ids(parts), logprobs=[x for c in parts for x in c.logprobs],
+                        finish_reason=last.finish_reason, stop_string=last.stop_string,
+                        watch_logprobs=cat("watch_logprobs"), top_ids=cat("top_ids"), top_logprobs=cat("top_logprobs"))
 
 
 # ---------------------------------------------------------------------- loading
