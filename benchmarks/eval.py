@@ -15,9 +15,10 @@ and the one-at-a-time runs give the same answer (greedy; padding may change a ne
 Records the torch thread count (``--threads``, default 1).
 
 What to expect on CPU (2 shared cores, 1 thread, ``--quick --short``, AMD EPYC with avx512_bf16): float32 direct
-3.9x, rag 2.3x, rwr 2.6x (same answers in both arms); ``--dtype bfloat16`` direct 5.8x, rag 3.3x, rwr 3.7x (62-88%
+3.9x, rag 2.6x, rwr 2.75x (same answers in both arms); ``--dtype bfloat16`` direct 5.8x, rag 3.3x, rwr 3.7x (62-88%
 same answers: bf16 rounding depends on the batch's shape). Prefill is compute-bound and costs the same batched or
-not; decoding batches well. docs/evaluation.md, "Throughput".
+not; decoding batches well: the table's last columns split each arm's forward seconds into prefill and decode
+(``forward_clock.py``) and give the ratio a free decode would reach. docs/evaluation.md, "Throughput".
 """
 
 from __future__ import annotations
