@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medrwr._io import write_json_atomic
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -169,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                "overrides": overrides, "results": rows, "table": table}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(payload, indent=2))
-    tmp_out.replace(out)
+    write_json_atomic(out, payload)
     print(f"wrote {out}")
     return 0
 

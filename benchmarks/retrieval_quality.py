@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medrwr._io import write_json_atomic
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_seconds"] = time.perf_counter() - t_start
     report["load_avg_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    write_json_atomic(args.out, report)
     print(f"\nwrote {args.out} in {report['total_seconds']:.0f}s (load average {os.getloadavg()})")
     return 0
 

@@ -40,6 +40,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from medrwr._io import write_json_atomic
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
@@ -510,9 +512,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     print(f"\nwrote {out}")
 
 

@@ -25,7 +25,6 @@ Baselines (what a straightforward implementation does; the reference code's appr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import re
@@ -35,6 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from medrwr._io import write_json_atomic
 
 import numpy as np
 
@@ -480,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             "abbreviations": len(lex.abbreviations),
         },
     }
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(RESULTS)
+    write_json_atomic(RESULTS, out)
     print(f"wrote {RESULTS}")
     return 0
 

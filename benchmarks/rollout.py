@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from medrwr._io import write_json_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -486,9 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, payload)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

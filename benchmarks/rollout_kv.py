@@ -24,13 +24,14 @@ its point is exactness of reuse with images and M-RoPE positions on a batched mu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from medrwr._io import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollout as rb  # benchmarks/rollout.py: script, requests, run_plain
@@ -198,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                            "threads": torch.get_num_threads()}}
     out = Path(args.out or (RESULTS_VLM if args.model == "tiny-vlm" else RESULTS))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, payload)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

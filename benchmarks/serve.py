@@ -30,11 +30,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from medrwr._io import write_json_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -252,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(out, f, indent=2)
-    os.replace(f.name, path)
+    write_json_atomic(path, out)
     print(f"wrote {path}")
     return 0
 
