@@ -17,6 +17,13 @@
   right after the recorder masks each constrained row to the tokens its turn grammar allows (one llguidance
   matcher per row, fresh every call). The recorder still sees the raw logits, so the recorded log-probabilities
   stay the model's own (``constrained_logprobs = "raw"``). Without constraints nothing changes.
+* **Stragglers.** ``model.generate`` keeps computing rows that finished, so one long row costs a full batch per
+  step. Greedy, with the KV store on (text models) and no caller-supplied logits processors: once at most a
+  quarter of a call of four or more rows is still running (each with more than ``PAUSE_MIN_LEFT`` tokens of
+  budget left), the call ends and those rows continue in a smaller call from their kept keys. Their tokens,
+  log-probabilities, grammar state (the matcher replays them) and stop-string window carry over
+  (:mod:`.hf_steps`); the outputs are those of one call. Sampling never pauses: a smaller batch would draw
+  other random numbers.
 * **KV-cache reuse** (``kv_cache=``, :mod:`.kv_cache`, :mod:`.kv_cache_vl`): rows continue from their kept
   keys/values; a VLM then gets only the images not yet cached, with M-RoPE positions passed explicitly.
 """
@@ -38,7 +45,7 @@ from medrwr.rollout.backends.base import (
     per_row_budgets,
 )
 from medrwr.rollout.backends.attention import use_grouped_sdpa
-from medrwr.rollout.backends.hf_steps import Recorder, Stops
+from medrwr.rollout.backends.hf_steps import Recorder, Stops, _torch
 from medrwr.rollout.backends.kv_cache import resolve_kv_cache
 from medrwr.rollout.backends.policy_cache import (
     cache_writable,
@@ -53,12 +60,6 @@ from medrwr.rollout.backends.processing import image_placeholder_ids, render_cha
 logger = logging.getLogger(__name__)
 
 __all__ = ["HFBackend", "load_hf_policy"]
-
-def _torch():
-    from medrwr._imports import require
-
-    return require("torch", "models", "the transformers policy backend")
-
 
 class HFBackend:
     """A transformers model (+ its processor or tokenizer) behind the :class:`PolicyBackend` interface.
@@ -256,11 +257,7 @@ class HFBackend:
         constraints: Sequence[Any] | None = None,
         on_token: Any = None,
     ) -> list[Continuation]:
-        """One turn for every row. Greedy with the KV store on (text models): once at most a quarter of a batch of four or
-        more rows is still running (each with > ``PAUSE_MIN_LEFT`` tokens to go), the call ends and those rows
-        continue in a smaller one from their kept keys: ``model.generate`` keeps computing finished rows, so a
-        long straggler would cost a full batch per step. The rows' tokens, log-probabilities, grammar state and
-        stop-string search carry over; greedy outputs are those of one call."""
+        """One turn for every row (see the module docstring for stragglers: a call may continue in smaller ones)."""
         if not states:
             return []
         budgets = per_row_budgets(max_new_tokens, len(states))
