@@ -95,3 +95,19 @@ def test_a_stop_string_spanning_the_pause_is_found(text_lm):
     assert tok.decode(head + tail[: found.length[0]]).endswith("</query>")
     missed = run(None)  # without the earlier tokens the closing tag is not there
     assert missed.reason[0] == "length" and missed.length[0] is None
+
+
+def test_paused_rows_are_the_last_the_size_cap_evicts(text_lm):
+    """A store with room for two rows: the two paused rows (first in the batch) keep their keys over the six
+    that finished, so the smaller call continues them from the store instead of prefilling them again."""
+    model, tok = text_lm
+    budgets = [48, 40] + [2] * 6
+    prompts = _prompts(tok, len(budgets))
+    backend = HFBackend(model, tok, temperature=0, kv_cache="on")
+    backend.kv_cache.max_tokens = 2 * (max(len(p) for p in prompts) + 1) + 2
+    want = HFBackend(model, tok, temperature=0, kv_cache="off").generate(
+        [GenerationState(p) for p in prompts], [], budgets)
+    got = backend.generate([GenerationState(p) for p in prompts], [], budgets)
+    assert backend.forward_calls == 2
+    assert backend.kv_cache.reused_tokens >= sum(len(p) for p in prompts[:2])  # continued, not prefilled again
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]

@@ -372,7 +372,8 @@ class HFBackend:
                 )
             )
         if turn is not None:
-            self.kv_cache.keep(turn, [s.ids for s in states], [c.token_ids for c in out])
+            self.kv_cache.keep(turn, [s.ids for s in states], [c.token_ids for c in out],
+                               last=[b for b, p in enumerate(paused) if p])
         return out, paused
 
 

@@ -352,8 +352,12 @@ class TurnKVCache:
         used = [e for e, n in found if e is not None and n == len(e)]
         return Prepared(cache, mask.clone(), hits, used, keys, shown)
 
-    def keep(self, prep: Prepared, rows: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> None:
-        """Store each row's keys/values for its ids + all but the last new token (the last was never fed)."""
+    def keep(self, prep: Prepared, rows: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+             last: Sequence[int] = ()) -> None:
+        """Store each row's keys/values for its ids + all but the last new token (the last was never fed).
+
+        ``last``: rows stored after the others, so they are the last the size cap evicts (rows paused mid-turn,
+        which the next call continues at once)."""
         torch = _torch()
         layers = prep.cache.layers
         width = prep.mask.shape[1]
@@ -362,7 +366,10 @@ class TurnKVCache:
         length = layers[0].get_seq_length()
         for e in prep.used:
             self._drop(e)
-        for b, (row, out) in enumerate(zip(rows, outputs)):
+        late = set(last)
+        order = [b for b in range(len(rows)) if b not in late] + [b for b in range(len(rows)) if b in late]
+        for b in order:
+            row, out = rows[b], outputs[b]
             fed = max(len(out) - 1, 0)
             key = (prep.keys[b] if prep.keys else tuple(int(t) for t in row)) + tuple(int(t) for t in out[:fed])
             if len(key) > self.max_tokens or width + fed > length:
