@@ -268,22 +268,21 @@ class HFBackend:
         pausable = (self.kv_cache is not None and self.kv_cache.vl is None and not self.model.training
                     and self.temperature == 0 and not self.logits_processors)
         parts: list[list[Continuation]] = [[] for _ in states]
-        done = [0] * len(states)
         rows = list(range(len(states)))
         while rows:
-            seg_states = [GenerationState(list(states[i].ids) + _ids(parts[i]), states[i].mm, states[i].request_id)
-                          for i in rows]
+            written = [_ids(parts[i]) for i in rows]  # each row's tokens of this turn so far (earlier segments)
+            seg_states = [GenerationState(list(states[i].ids) + w, states[i].mm, states[i].request_id)
+                          for i, w in zip(rows, written)]
             outs, paused = self._generate_segment(
-                seg_states, stop, [budgets[i] - done[i] for i in rows],
+                seg_states, stop, [budgets[i] - len(w) for i, w in zip(rows, written)],
                 watch_token_ids=watch_token_ids, top_logprobs=top_logprobs,
                 constraints=[constraints[i] for i in rows] if constraints is not None else None,
                 on_token=(lambda b, t, rows=rows: on_token(rows[b], t)) if on_token is not None else None,
-                prefix=[_ids(parts[i]) for i in rows],
+                prefix=written,
                 pause_at=len(rows) // PAUSE_FRACTION if pausable and len(rows) >= PAUSE_MIN_ROWS else 0,
             )
             for i, out in zip(rows, outs):
                 parts[i].append(out)
-                done[i] += len(out.token_ids)
             rows = [i for i, p in zip(rows, paused) if p]
         return [_join(p) for p in parts]
 
