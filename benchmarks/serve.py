@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = _rss_mb("VmHWM")
     print(f"\npeak RSS {peak:.0f} MB; torch threads {args.threads}; think <= {args.think} tokens; "
           f"<= {args.max_tokens} model tokens per rollout")
-    out = {"benchmark": "serve", "quick": args.quick, "threads": args.threads, "think_tokens": args.think,
+    out = {"benchmark": "serve", "quick": args.quick, "threads": args.threads, "dtype": args.dtype, "think_tokens": args.think,
            "max_tokens": args.max_tokens, "load_s": load_s, "peak_rss_mb": peak, "rows": rows,
            "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}}
     path = Path(args.out)
