@@ -356,7 +356,7 @@ class EvalConfig:
     modes: list[str] = field(default_factory=lambda: ["rwr"])  # direct, rag, rwr, rwr_cdir or all
     output_dir: str = "runs/eval"
     limit: int | None = None
-    batch_size: int = 8  # items per RolloutEngine.run call; each batch is fsynced to results.jsonl
+    batch_size: int = 32  # rows running at once (continuous batching; rwr_cdir: items per engine call)
     preset: str = "standard"
     split: str | None = None
     languages: list[str] | None = None  # None = every language in the file

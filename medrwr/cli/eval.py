@@ -52,7 +52,7 @@ def run(
     index: Optional[str] = typer.Option(None, "--index", help="Text index directory (default: the shipped KB)."),
     image_index: Optional[str] = typer.Option(None, "--image-index", help="CDIR image index (default: demo)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N items."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Items per engine call."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Rows running at once (eval.batch_size, default 32)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Scoring preset (standard, medevalkit, llava_med)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to load, where the benchmark has several."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default eval.output_dir/BENCHMARK)."),
