@@ -1,7 +1,7 @@
 """Evaluation benchmark: items/s of ``medrwr eval run`` batched vs one item at a time, per mode, in one run.
 
 Run ``python benchmarks/eval.py --quick`` (16 questions, batch 16, about 5 minutes on 2 cores) or without ``--quick``
-(48 questions). Prints a table and writes ``benchmarks/results/eval.json`` (``--out``).
+(48 questions, batch 32 = ``eval.batch_size``). Prints a table and writes ``benchmarks/results/eval.json`` (``--out``).
 
 Policy: the packaged SmolLM2-135M-Instruct (the default model of ``medrwr ask``; text-only, CPU, float32),
 grammar-constrained as ``medrwr ask`` runs it (``rollout.constrain: auto`` = protocol for it), greedy. Retrieval:
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 questions (default 48)")
     ap.add_argument("--questions", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="rows of the batched arm (default: eval.batch_size, 32; capped by the questions)")
     ap.add_argument("--modes", default="direct,rag,rwr")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded)")
     ap.add_argument("--short", action="store_true",
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                       "rollout.max_new_tokens_per_turn=64", "rollout.max_total_new_tokens=160", "retrieval.k=2",
                       "rollout.max_inserted_tokens=160"]
     cfg = load_config(None, overrides)
+    if args.batch_size is None:
+        args.batch_size = min(cfg.eval.batch_size, n)
     t0 = time.perf_counter()
     backend = build_backend(cfg.model, cfg.rollout)
     load_s = time.perf_counter() - t0
