@@ -242,6 +242,23 @@ def test_long_rows_of_near_equal_length_are_prefilled_alone_on_a_cpu(text_lm):
         assert np.allclose(b.logprobs, a.logprobs, atol=TOL, rtol=0)
 
 
+def test_cpu_cost_model_prefers_rows_alone_for_large_padded_batches():
+    """32 rows of 225-245 tokens: padding adds ~4% tokens, less than the rows' fixed costs, but a 7,800-token
+    padded forward runs slower per token (measured: alone 20.0 s, padded 24.2 s), so they go alone; 4 such rows
+    (one fast padded forward) and short rows (fixed cost dominates) stay batched; a GPU keeps its waste rule."""
+    from medrwr.rollout.backends.kv_cache import ROW_PREFILL_OVERHEAD_CPU, rows_alone_cheaper
+
+    rng = np.random.default_rng(0)
+    todo = [int(x) for x in rng.integers(225, 246, size=32)]
+    assert sum(m + ROW_PREFILL_OVERHEAD_CPU for m in todo) >= len(todo) * max(todo)  # token count alone: batch
+    assert rows_alone_cheaper(todo, "cpu")
+    assert not rows_alone_cheaper([236, 240, 238, 244], "cpu")
+    assert not rows_alone_cheaper([20, 30, 24, 28], "cpu")
+    assert rows_alone_cheaper([20, 400], "cpu") and rows_alone_cheaper([20, 400], "cuda")
+    assert not rows_alone_cheaper(todo, "cuda")  # a GPU: only when padding is >= 25% of the batch
+    assert not rows_alone_cheaper([400], "cpu") and not rows_alone_cheaper([4, 7], "cpu")
+
+
 def test_growing_layers_append_in_place_and_equal_concatenation(text_lm):
     """The batch cache's layers write each step into a buffer with headroom (no whole-cache copy per step) and
     hold exactly what DynamicLayer's concatenation holds, also after crop / batch selection."""

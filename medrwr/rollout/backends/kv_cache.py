@@ -61,6 +61,11 @@ ROW_PREFILL_OVERHEAD_CPU = 24
 """A CPU forward's fixed cost, in prefill tokens: reading the weights once is worth ~FLOPS / bandwidth tokens of
 compute (SmolLM2-135M, float32, 1 thread: 8 tokens alone run at 26% of a long prefill's tokens/s, 64 at 78%,
 256 at 95%). On a CPU rows are prefilled alone when that costs less than one padded batch."""
+PADDED_PREFILL_FAST_CPU = 2048
+PADDED_PREFILL_SLOWDOWN_CPU = 36000
+"""A padded CPU prefill of T > 2048 tokens (rows x width) costs ``1 + (T - 2048) / 36000`` times a long single-row
+prefill per token: its activations leave the caches (SmolLM2-135M, float32, 1 thread, rows of 230 tokens: 2.73
+ms/token at 4 rows, 2.94 at 16, 3.21 at 32; one row 2.80). 32 rows of 190-245 tokens: alone 20.0 s, padded 24.2 s."""
 REUSE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 """Decoder families checked to take positions from the attention mask's cumsum in ``generate``."""
 
@@ -271,19 +276,13 @@ class TurnKVCache:
         """Prefill each row's uncached ids (all but the last) on its own, extending its entry, when one padded
         batch would mostly compute padding (rows of very different lengths); True if it did.
 
-        Prefill is compute-bound on a CPU: a padded batch costs ``rows x longest`` tokens, rows alone cost the
-        sum of their lengths plus :data:`ROW_PREFILL_OVERHEAD_CPU` each (prompts with retrieved documents, 300-500
-        tokens of unequal length: 14% less prefill time than the padded batch). The batch then decodes together
-        from the kept keys (each row feeds one token)."""
+        Prefill is compute-bound on a CPU: a padded batch costs ``rows x longest`` tokens (more per token once it
+        is large), rows alone cost the sum of their lengths plus :data:`ROW_PREFILL_OVERHEAD_CPU` each (prompts
+        with retrieved documents, 300-500 tokens of unequal length: 14% less prefill time than the padded batch);
+        :func:`rows_alone_cheaper` decides. The batch then decodes together from the kept keys (each row feeds
+        one token)."""
         todo = [len(k) - n - 1 for k, (_, n) in zip(keys, found)]
-        if len(keys) < 2 or max(todo) < ROW_PREFILL_MIN:
-            return False
-        padded = len(keys) * max(todo)
-        if self.model.device.type == "cpu":
-            alone = sum(m + ROW_PREFILL_OVERHEAD_CPU if m >= ROW_PREFILL_MIN else m for m in todo)
-            if alone >= padded:
-                return False
-        elif sum(todo) >= ROW_PREFILL_WASTE * padded:
+        if not rows_alone_cheaper(todo, self.model.device.type):
             return False
         consumed = set()
         for key, (entry, n), m in zip(keys, found, todo):
@@ -384,6 +383,18 @@ class TurnKVCache:
             self._put(key, kept)
         while self.tokens > self.max_tokens and self.entries:
             self._drop(next(iter(self.entries)))  # the least recently used
+
+
+def rows_alone_cheaper(todo: Sequence[int], device_type: str) -> bool:
+    """Whether prefilling rows with ``todo`` uncached tokens each one by one beats one padded batch (see
+    :data:`ROW_PREFILL_OVERHEAD_CPU`, :data:`PADDED_PREFILL_FAST_CPU`; a GPU: :data:`ROW_PREFILL_WASTE`)."""
+    if len(todo) < 2 or max(todo) < ROW_PREFILL_MIN:
+        return False
+    padded = len(todo) * max(todo)
+    if device_type == "cpu":
+        alone = sum(m + ROW_PREFILL_OVERHEAD_CPU if m >= ROW_PREFILL_MIN else m for m in todo)
+        return alone < padded * (1 + max(0, padded - PADDED_PREFILL_FAST_CPU) / PADDED_PREFILL_SLOWDOWN_CPU)
+    return sum(todo) < ROW_PREFILL_WASTE * padded
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
