@@ -273,14 +273,13 @@ class TurnKVCache:
         self.tokens += len(key)
 
     def _prefill_rows_alone(self, keys: Sequence[tuple[int, ...]], found: Sequence[tuple[Any, int]]) -> bool:
-        """Prefill each row's uncached ids (all but the last) on its own, extending its entry, when one padded
-        batch would mostly compute padding (rows of very different lengths); True if it did.
+        """Prefill each row's uncached ids (all but the last) on its own, extending its entry, when that costs less
+        than one padded batch (:func:`rows_alone_cheaper`); True if it did.
 
         Prefill is compute-bound on a CPU: a padded batch costs ``rows x longest`` tokens (more per token once it
         is large), rows alone cost the sum of their lengths plus :data:`ROW_PREFILL_OVERHEAD_CPU` each (prompts
-        with retrieved documents, 300-500 tokens of unequal length: 14% less prefill time than the padded batch);
-        :func:`rows_alone_cheaper` decides. The batch then decodes together from the kept keys (each row feeds
-        one token)."""
+        with retrieved documents, 300-500 tokens of unequal length: 14% less prefill time than the padded batch).
+        The batch then decodes together from the kept keys (each row feeds one token)."""
         todo = [len(k) - n - 1 for k, (_, n) in zip(keys, found)]
         if not rows_alone_cheaper(todo, self.model.device.type):
             return False
