@@ -21,6 +21,7 @@ pays the same prefill seconds as one at a time. Writes ``benchmarks/results/deco
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -103,7 +104,7 @@ def _speedup_at(decode: list[dict], rows: float) -> float:
     pts = [(r["rows"], r["speedup"]) for r in decode]
     if rows <= pts[0][0]:
         return pts[0][1]
-    for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
+    for (r0, s0), (r1, s1) in itertools.pairwise(pts):
         if rows <= r1:
             return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
     return pts[-1][1]
@@ -159,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(None, [f"model.threads={args.threads}", f"model.dtype={args.dtype}"])
     model = build_backend(cfg.model, cfg.rollout).model
     m = measure(model, args.context, args.repeat)
-    lines = [f"torch threads: {torch.get_num_threads()}; packaged SmolLM2-135M-Instruct, {args.dtype}; "
-             f"context {args.context} tokens",
-             f"prefill: {m['prefill']['tokens_per_s_1_row']} tokens/s as 1 row, "
-             f"{m['prefill']['tokens_per_s_8_rows']} tokens/s as 8 rows",
+    lines = [(f"torch threads: {torch.get_num_threads()}; packaged SmolLM2-135M-Instruct, {args.dtype}; "
+              f"context {args.context} tokens"),
+             (f"prefill: {m['prefill']['tokens_per_s_1_row']} tokens/s as 1 row, "
+              f"{m['prefill']['tokens_per_s_8_rows']} tokens/s as 8 rows"),
              "", f"{'rows':>5} {'ms/step':>9} {'ms/row':>8} {'decode speedup vs 1 row':>24}"]
     lines += [f"{r['rows']:>5} {r['ms_per_step']:>9.1f} {r['ms_per_row']:>8.2f} {r['speedup']:>23.2f}x"
               for r in m["decode"]]
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows = ceilings(result, m["decode"])
         bounds[str(path)] = rows
-        lines += ["", f"{path}:", f"{'case':<10} {'rows':>4} {'measured':>9} {'ceiling':>8} "
-                  f"{'decode x measured':>18} {'decode x ceiling':>17}"]
+        lines += ["", f"{path}:", (f"{'case':<10} {'rows':>4} {'measured':>9} {'ceiling':>8} "
+                                   f"{'decode x measured':>18} {'decode x ceiling':>17}")]
         lines += [f"{r['case']:<10} {r['rows']:>4} {r['measured_ratio']:>8.2f}x {r['ratio_ceiling']:>7.2f}x "
                   f"{r['decode_speedup_measured']:>17.2f}x {r['decode_speedup_ceiling']:>16.2f}x" for r in rows]
     table = "\n".join(lines)
