@@ -145,8 +145,8 @@ def ceilings(result: dict, decode: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--context", type=int, default=400, help="kept tokens per row before the timed decode step")
-    ap.add_argument("--repeat", type=int, default=9, help="timed decode steps per row count (the fastest counts)")
+    ap.add_argument("--context", type=int, default=300, help="kept tokens per row before the timed decode step")
+    ap.add_argument("--repeat", type=int, default=12, help="timed rounds of decode steps (the fastest counts)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--results", nargs="*", default=[], help="eval.py / serve.py result files to bound")
     ap.add_argument("--out", default=str(RESULTS))
