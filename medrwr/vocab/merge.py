@@ -108,7 +108,7 @@ def _groups(items: list[Concept], held: dict[str, set[tuple]]) -> list[list[int]
         if k:
             by_name.setdefault(k, []).append(i)
         if slots[i] in ("HPO", "MeSH"):
-            for s in {link_key(s.text) for s in c.exact_synonyms} - {k} - held.get(c.id, set()):
+            for s in sorted({link_key(s.text) for s in c.exact_synonyms} - {k} - held.get(c.id, set())):  # sorted: hash-seed-free
                 if s:
                     by_syn.setdefault(s, []).append(i)
     for idx in by_name.values():  # pass 1: equal names (order: HPO, MeSH, diseases, ICD as read)

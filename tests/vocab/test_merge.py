@@ -80,3 +80,25 @@ def test_read_hpoa_skips_negated_and_non_phenotype_rows(tmp_path):
     f.write_text(head + "".join("\t".join(r) + "\n" for r in rows))
     ds = read_hpoa(f)
     assert ds == (Disease("OMIM:1", "Disease one", (("HP:0000853", 0.9), ("HP:0002105", 0.25))),)
+
+
+_SEED_PROBE = """
+from medrwr.vocab.concepts import Concept, Synonym
+from medrwr.vocab.merge import _groups
+syns = tuple(Synonym(s, kind="exact") for s in ("alpha disease", "beta disease", "gamma disease", "delta disease"))
+items = [Concept(id="MESH:D1", name="Root", source="MeSH", key="D1", synonyms=syns)]
+items += [Concept(id=f"ICD10CM:X{i}", name=s.text, source="ICD-10-CM", key=f"X{i}") for i, s in enumerate(syns)]
+print(sorted(sorted(items[i].id for i in g) for g in _groups(items, {})))
+"""
+
+
+def test_groups_do_not_depend_on_the_hash_seed():
+    # a MeSH concept whose exact synonyms name four ICD codes can absorb only one (one concept per source):
+    # which one must not change from process to process, or the default KB differs between builds
+    import os
+    import subprocess
+    import sys
+
+    outs = {subprocess.run([sys.executable, "-c", _SEED_PROBE], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outs) == 1, outs
