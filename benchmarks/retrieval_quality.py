@@ -14,6 +14,8 @@ Sets (targets are source concept ids; a hit counts when its passage covers the t
 - ``synonym``: a held-out HPO / MeSH synonym differing in content words from the name (as in
   benchmarks/retrieval.py).
 - ``clinical``: the hand-written questions of ``benchmarks/data/clinical_questions.json``.
+- ``clinical_dev``: 80 development questions by a third author (``benchmarks/data/clinical_questions_dev.json``:
+  vignettes, lay descriptions, findings, drugs), concepts disjoint from the test questions; dev only, for tuning.
 - ``clinical_heldout``: 80 questions by a second author (``benchmarks/data/clinical_questions_heldout.json``),
   written without seeing the knowledge base's texts; all test, never used for tuning.
 - ``exact``: 500 concept names (125 per source); the question is whether the concept comes first.
@@ -44,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / "data" / "clinical_questions.json"
 HELDOUT = ROOT / "data" / "clinical_questions_heldout.json"
+DEV = ROOT / "data" / "clinical_questions_dev.json"
 RESULTS = ROOT / "results" / "retrieval_quality.json"
 MODES = ("bm25", "dense", "hybrid")
 SPLITS = ("train", "dev", "test")
@@ -116,8 +119,10 @@ def build_sets(n: int, seed: int = 0) -> tuple[dict[str, list[Item]], dict[str, 
                 for i, q in enumerate(questions)]
     # a second author's questions, written without seeing the KB's texts: test only, never tuned on
     heldout = [Item(q["query"], list(q["expected"]), "test") for q in json.loads(HELDOUT.read_text())["questions"]]
-    sets = {"lay": lay, "definition": defs, "synonym": syns, "clinical": clinical, "clinical_heldout": heldout,
-            "exact": exact}
+    # a third author's questions, concepts disjoint from the test questions: dev only, for tuning
+    dev = [Item(q["query"], list(q["expected"]), "dev") for q in json.loads(DEV.read_text())["questions"]]
+    sets = {"lay": lay, "definition": defs, "synonym": syns, "clinical": clinical, "clinical_dev": dev,
+            "clinical_heldout": heldout, "exact": exact}
     return sets, holdout
 
 
@@ -211,7 +216,7 @@ def fuse(L: dict[str, list[list[str]]], i: int, w: dict[str, float]) -> list[str
     """The retriever's fusion, replayed on doc-id lists (the KB's doc ids are unique)."""
     from medrwr.retrieval.index.hybrid import rrf_fuse
 
-    parts = ("bm25", "dense", "names", "name_bm25", "clinical")
+    parts = ("bm25", "dense", "names", "name_bm25", "clinical", "name_dense")
     return [x for x, _ in rrf_fuse([L[p][i] for p in parts], [w.get(p, 0.0) for p in parts], w["rrf_k"])][:10]
 
 
@@ -227,9 +232,9 @@ def tune(judge: Judge, sets: dict[str, list[Item]], lists: dict[str, dict[str, l
     grid = []
     import itertools
 
-    for k, wd, wn, wnb, wc in itertools.product((2, 5, 10), (0.3, 0.5, 0.7, 1.0), (2.0, 4.0), (0.5, 1.0),
-                                                (0.0, 0.5, 1.0, 2.0)):
-        w = {"rrf_k": k, "bm25": 1.0, "dense": wd, "names": wn, "name_bm25": wnb, "clinical": wc}
+    for k, wd, wn, wnb, wc, wx in itertools.product((2, 5), (0.3, 0.5, 1.0), (2.0, 4.0), (0.5, 1.0),
+                                                    (0.0, 1.0, 2.0, 3.0), (0.0, 0.5, 1.0, 2.0)):
+        w = {"rrf_k": k, "bm25": 1.0, "dense": wd, "names": wn, "name_bm25": wnb, "clinical": wc, "name_dense": wx}
         score, ok = [], True
         for name, items in sets.items():
             idx = [i for i, it in enumerate(items) if it.split == "dev"]
@@ -239,7 +244,7 @@ def tune(judge: Judge, sets: dict[str, list[Item]], lists: dict[str, dict[str, l
             score.append(m["mrr"])
             ok &= all(m[x] >= max(parts[name]["bm25"][x], parts[name]["dense"][x]) for x in ("hit@5", "mrr"))
         grid.append({"rrf_k": k, "bm25_weight": 1.0, "dense_weight": wd, "name_weight": wn, "name_bm25_weight": wnb,
-                     "clinical_weight": wc, "dev_mrr": float(np.mean(score)), "ge_parts_on_dev": ok})
+                     "clinical_weight": wc, "name_dense_weight": wx, "dev_mrr": float(np.mean(score)), "ge_parts_on_dev": ok})
     # the best mean dev MRR among the settings that beat both parts on every dev set (else overall)
     best = max(grid, key=lambda g: (g["ge_parts_on_dev"], g["dev_mrr"]))
     test = {}  # reported, never used to choose
@@ -247,7 +252,8 @@ def tune(judge: Judge, sets: dict[str, list[Item]], lists: dict[str, dict[str, l
         idx = [i for i, it in enumerate(items) if it.split == ("test" if name != "exact" else it.split)]
         L = lists[name]
         w = {"rrf_k": best["rrf_k"], "bm25": 1.0, "dense": best["dense_weight"], "names": best["name_weight"],
-             "name_bm25": best["name_bm25_weight"], "clinical": best["clinical_weight"]}
+             "name_bm25": best["name_bm25_weight"], "clinical": best["clinical_weight"],
+             "name_dense": best["name_dense_weight"]}
         fused = [fuse(L, i, w) for i in idx]
         test[name] = {"hybrid": metrics(judge.ranks([items[i] for i in idx], fused)),
                       **{m: metrics(judge.ranks([items[i] for i in idx], [L[m][i][:10] for i in idx]))
@@ -276,7 +282,8 @@ def evaluate(path: Path, docs: list[Any], sets: dict[str, list[Item]], label: st
     r = HybridRetriever.load(path, verify=False)  # searched with the fusion it was built with
     judge = Judge(docs)
     out: dict[str, Any] = {"label": label, "fusion": {k: getattr(r.config, k) for k in ("rrf_k", "bm25_weight", "dense_weight", "name_weight",
-                                                                   "name_bm25_weight", "clinical_weight")},
+                                                                   "name_bm25_weight", "clinical_weight",
+                                                                   "name_dense_weight")},
                            "sets": {}, "lists": {}}
     for name, items in sets.items():
         qs = [it.query for it in items]
@@ -285,6 +292,10 @@ def evaluate(path: Path, docs: list[Any], sets: dict[str, list[Item]], label: st
         lists["names"] = [[r.get_document(row).doc_id for row in r.name_matches(q)] for q in qs]
         lists["name_bm25"] = [[r.get_document(row).doc_id for row in rows] for rows in r._name_bm25(qs, 50)]
         lists["clinical"] = [[r.get_document(row).doc_id for row in rows] for rows in r._clinical(qs, 50)]
+        from medrwr.retrieval.encoders.text import encode_queries
+
+        vecs = encode_queries(r.encoder, qs, batch_size=256)
+        lists["name_dense"] = [[r.get_document(row).doc_id for row in rows] for rows in r._name_dense(vecs, 50)]
         out["lists"][name] = lists
         res: dict[str, Any] = {}
         for m in MODES:
@@ -314,6 +325,8 @@ def table(result: dict[str, Any], split: str) -> str:
              "-----------|------|--------|-------|-------|-----------|-------"]
     for name, res in result["sets"].items():
         sp = "all" if name == "exact" else split
+        if not res["bm25"][sp]["n"]:  # clinical_dev has no test split, clinical_heldout no dev split
+            continue
         for m in MODES:
             x = res[m][sp]
             lines.append(f"{name:<10} | {x['n']:<4} | {m:<6} | {x['hit@1']:.3f} | {x['hit@5']:.3f} | "
@@ -332,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bm25-b", type=float, default=None, help="override the merged KB's BM25 b (tuning)")
     ap.add_argument("--failures", action="store_true", help="print the test misses of the merged KB's hybrid mode")
     ap.add_argument("--tune", action="store_true", help="grid-search the fusion weights on the dev splits")
+    ap.add_argument("--lists-out", default=None,
+                    help="also write every part's ranked doc ids per query (JSON) for offline fusion studies")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -379,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table(res, split), flush=True)
         if args.failures:
             show_failures(res, sets)
+        if args.lists_out:
+            write_json_atomic(Path(args.lists_out).with_suffix(f".{key}.json"), res["lists"])
         res.pop("judge")
         res.pop("lists")
         res["passages"] = len(docs)
@@ -387,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if {"per_source", "merged"} <= report["results"].keys():
         ok = {}
         for name in sets:
+            if name == "clinical_dev":  # dev only
+                continue
             sp = "all" if name == "exact" else "test"
             x = report["results"]["merged"]["sets"][name]
             ok[name] = {"hybrid_ge_parts": x["hybrid"][sp]["hit@5"] >= max(x["bm25"][sp]["hit@5"], x["dense"][sp]["hit@5"])

@@ -73,6 +73,9 @@ class RetrievalConfig:
     clinical_weight: float = 0.0
     """Weight of the BM25 ranking over documents' clinical text alone (``metadata["clinical"]``: the default KB's
     clinical presentations) in hybrid fusion."""
+    name_dense_weight: float = 0.0
+    """Weight of the ranking by closest embedded name in hybrid fusion (indexes with a name table and a dense
+    encoder)."""
     stemmer: str | None = "english"
     stopwords: str | None = "en"
     batch_size: int = 64
@@ -113,7 +116,7 @@ class RetrievalConfig:
             f"retrieval.chunk_overlap must be in [0, chunk_words), got {self.chunk_overlap}",
         )
         _check(min(self.bm25_weight, self.dense_weight, self.name_weight, self.name_bm25_weight,
-                   self.clinical_weight) >= 0,
+                   self.clinical_weight, self.name_dense_weight) >= 0,
                "retrieval weights must be >= 0")
 
     def settings(self) -> dict[str, Any]:

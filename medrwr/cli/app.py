@@ -274,7 +274,8 @@ def retrieve(
                 c = retriever.config
                 about["fusion"] = (f"; fused = {c.bm25_weight:g}/(k+bm25 rank) + {c.dense_weight:g}/(k+dense rank)"
                                    f" + {c.name_weight:g}/(k+exact-name rank) + {c.name_bm25_weight:g}/(k+name-bm25 "
-                                   f"rank) + {c.clinical_weight:g}/(k+clinical rank), k = {c.rrf_k}")
+                                   f"rank) + {c.clinical_weight:g}/(k+clinical rank) + {c.name_dense_weight:g}/(k+name-dense rank)"
+                                   f", k = {c.rrf_k}")
     except (ValueError, OSError, ImportError) as exc:
         raise CLIError(str(exc)) from None
     path = about.get("path") or about.get("url")
@@ -288,7 +289,7 @@ def retrieve(
         for entry, expl in zip(payload["results"], why):
             for hit, e in zip(entry["hits"], expl):
                 hit["explain"] = {key: e[key] for key in ("bm25", "dense", "name_match", "name_bm25_rank", "clinical_rank",
-                                                          "fused_score")}
+                                                          "name_dense_rank", "fused_score")}
         typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
         return
     from rich.table import Table
@@ -324,18 +325,20 @@ def _print_explained(queries: List[str], why: list[list[dict]], mode: str, k: in
     for q, rows in zip(queries, why):
         shown = repr(q) if len(q) <= 80 else f"{q[:80]!r}…"
         table = Table(title=f"{shown}  ({mode}, k={k}, {about['doc_count']} documents){cfg}", expand=True)
-        for col in ("#", "fused", "bm25", "dense", "name", "clin", "title", "source"):
-            # name: "exact" when the query is one of the hit's names, else its rank by BM25 over names
+        for col in ("#", "fused", "bm25", "dense", "name", "name~", "clin", "title", "source"):
+            # name: "exact" when the query is one of the hit's names, else its rank by BM25 over names;
+            # name~: its rank by the closest embedded name
             table.add_column(col, overflow="fold", no_wrap=col not in ("title", "source"),
                              ratio=1 if col == "title" else None, min_width=24 if col == "title" else None)
         for rank, e in enumerate(rows, 1):
             fused = "-" if e["fused_score"] is None else f"{e['fused_score']:.4f}"
             name = "exact" if e["name_match"] else (f"#{e['name_bm25_rank']}" if e.get("name_bm25_rank") else "-")
             clinical = f"#{e['clinical_rank']}" if e.get("clinical_rank") else "-"
-            table.add_row(str(rank), fused, part(e["bm25"]), part(e["dense"]), name, clinical,
+            near = f"#{e['name_dense_rank']}" if e.get("name_dense_rank") else "-"
+            table.add_row(str(rank), fused, part(e["bm25"]), part(e["dense"]), name, near, clinical,
                           f"{e['title']} ({e['doc_id']})", e["source"])
         if not rows:
-            table.add_row("-", "-", "-", "-", "-", "-", "-", "no matching documents")
+            table.add_row("-", "-", "-", "-", "-", "-", "-", "-", "no matching documents")
         console.print(table)
 
 

@@ -1,10 +1,13 @@
-"""Classic clinical presentations of common conditions, written for MedRwR (``data/presentations.jsonl``).
+"""Classic clinical presentations of common conditions and the uses of common drugs, written for MedRwR.
+
+``data/presentations.jsonl`` (conditions) and ``data/drug_uses.jsonl`` (drugs and antidotes: class, uses in
+clinical and everyday words, classic adverse effects, the poisoning an antidote treats).
 
 Why: the vocabularies say what a concept is called and, for rare diseases, which phenotypes HPO annotates, but
 not what a common disease looks like in a patient (who gets it, how it presents in clinical and everyday words,
 the hallmark findings) -- the associations a question like "child with barking cough" needs. Each line is
 ``{"id", "name", "text"}``: ``id`` and ``name`` name one vocabulary record exactly (a MeSH id can carry several
-records, so both are the key), ``text`` is 45-90 words of original text (MIT, like the code; written with AI
+records, so both are the key), ``text`` is 40-90 words of original text (MIT, like the code; written with AI
 assistance and not clinically reviewed -- see ``attribution.json``). :mod:`medrwr.vocab.merge` puts the text into
 that concept's passage.
 """
@@ -20,7 +23,7 @@ from medrwr.vocab.concepts import _data_text
 
 SOURCE = "MedRwR-presentations"
 """The source label passages carry when they include a presentation."""
-_FILE = "presentations.jsonl"
+_FILES = ("presentations.jsonl", "drug_uses.jsonl")
 
 
 @dataclass(frozen=True)
@@ -34,18 +37,19 @@ class Presentation:
 
 @functools.cache
 def presentations() -> dict[tuple[str, str], Presentation]:
-    """Every shipped presentation by ``(concept id, concept name)``, read once per process."""
+    """Every shipped presentation and drug use by ``(concept id, concept name)``, read once per process."""
     out: dict[tuple[str, str], Presentation] = {}
-    for n, line in enumerate(_data_text(_FILE).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            p = Presentation(str(d["id"]), str(d["name"]), " ".join(str(d["text"]).split()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise VocabularyError(f"medrwr/vocab/data/{_FILE} line {n} is not an {{id, name, text}} object "
-                                  f"({exc}); reinstall medrwr") from None
-        out[(p.id, p.name)] = p
+    for file in _FILES:
+        for n, line in enumerate(_data_text(file).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                p = Presentation(str(d["id"]), str(d["name"]), " ".join(str(d["text"]).split()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise VocabularyError(f"medrwr/vocab/data/{file} line {n} is not an {{id, name, text}} object "
+                                      f"({exc}); reinstall medrwr") from None
+            out[(p.id, p.name)] = p
     return out
 
 

@@ -51,24 +51,27 @@ def test_every_source_concept_is_reachable_in_one_concept_passage(all_docs, by_s
     assert max(len(d.text[: d.metadata.get("search_chars")].split()) for d in all_docs) < 400
 
 
-def test_every_clinical_presentation_lands_in_its_own_concept_passage(all_docs):
-    """data/presentations.jsonl: each line names one real vocabulary record (id and name), once, with 40-100
-    words; its text is in exactly the passage that carries that record, before the synonyms."""
+def test_every_clinical_presentation_and_drug_use_lands_in_its_own_concept_passage(all_docs):
+    """data/presentations.jsonl and data/drug_uses.jsonl: each line names one real vocabulary record (id and
+    name), once, with 40-100 words; its text is in exactly the passage that carries that record, before the
+    synonyms, labelled "Clinical presentation" (conditions) or "Clinical use" (drugs)."""
     from medrwr.vocab.presentations import SOURCE, presentations
     from medrwr.vocab.sources import concepts
 
     shown = presentations()
     records = {(c.id, c.name) for s in kb.SOURCES for c in concepts(s)}
-    assert len(shown) >= 300 and set(shown) <= records
+    assert set(shown) <= records
     assert len({i for i, _ in shown}) == len(shown)
+    assert sum(not i.startswith("DRUG:") for i, _ in shown) >= 300 and sum(i.startswith("DRUG:") for i, _ in shown) >= 150
     assert all(40 <= len(p.text.split()) <= 100 for p in shown.values())
     carriers = [d for d in all_docs if SOURCE in d.metadata["sources"]]
     assert len(carriers) == len(shown)
     texts = {p.text: p for p in shown.values()}
     for d in carriers:
-        found = [t for t in texts if f"Clinical presentation: {t}" in d.text]
+        found = [t for t in texts if f"Clinical presentation: {t}" in d.text or f"Clinical use: {t}" in d.text]
         assert len(found) == 1 and texts[found[0]].id in d.metadata["source_ids"], d.doc_id
-        assert d.text.index("Clinical presentation:") < d.text.find("Also called") or "Also called" not in d.text
+        label = "Clinical use:" if texts[found[0]].id.startswith("DRUG:") else "Clinical presentation:"
+        assert d.text.index(label) < d.text.find("Also called") or "Also called" not in d.text
 
 
 def test_hpo_passage_has_definition_and_synonyms_and_skips_obsolete(all_docs):

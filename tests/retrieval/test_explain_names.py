@@ -118,3 +118,31 @@ def test_clinical_text_is_ranked_alone_and_pulls_the_disease_up(tmp_path):
     assert [e["clinical_rank"] for e in top[1:]] == [None] * 3  # only documents with clinical text rank there
     ranks_off = [h.doc_id for h in off.search(q, k=4)[0]]
     assert ranks_off.index("M:1") > 0  # without it the phenotype names win
+
+
+def test_names_are_embedded_one_by_one_and_rank_by_the_closest_name(index):
+    """``names_dense.faiss`` holds one vector per distinct name (case-folded, per document); with
+    ``name_dense_weight`` the closest name ranks its document, so a paraphrase sharing no word with a passage's
+    names still reaches it."""
+    import numpy as np
+
+    from medrwr.retrieval.index.hybrid import NAMES_DENSE_FILE, NAMES_DENSE_ROWS, _name_dense_ranking
+
+    rows = np.load(index / NAMES_DENSE_ROWS)
+    assert rows.tolist() == [0, 0, 0, 1, 2, 2, 3]  # X:1 lists no names; "Goiter"/"Goitre" both kept
+    assert (index / NAMES_DENSE_FILE).is_file()
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["names_dense"]["names"] == 7
+    off = HybridRetriever.load(index)
+    assert off.config.name_dense_weight == 0 and off.explain(["heart"], k=1)[0][0]["name_dense_rank"] is None
+    on = HybridRetriever.load(index, config=RetrievalConfig(**{**off.config.settings(), "name_dense_weight": 1.0}))
+    why = on.explain(["my heart is beating very slowly"], k=5)[0]
+    by_id = {e["doc_id"]: e["name_dense_rank"] for e in why}
+    assert by_id["HP:3"] == 1 and by_id.get("X:1") is None
+    # the ranking itself: first occurrence of each row, at most `depth` rows
+    import faiss
+
+    vecs = np.asarray([[1, 0.5, 0]], dtype=np.float32)
+    flat = faiss.IndexFlatIP(3)
+    flat.add(np.asarray([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32))
+    assert _name_dense_ranking(flat, np.asarray([7, 7, 8, 9]), vecs, depth=2) == [[7, 8]]

@@ -14,7 +14,10 @@ a short name is not drowned by a long passage). In hybrid mode they add two rank
 or most of one of its lay names, finds that concept. Documents with ``metadata["clinical"]`` (the default KB's
 clinical presentations) get BM25 over that text alone (``bm25_clinical/``): a ranking weighted by
 ``retrieval.clinical_weight``, so a description of a patient meets the presentation it resembles without
-competing with 65k dictionary passages. The name table serves unsharded local indexes.
+competing with 65k dictionary passages. With a dense encoder, the names are also embedded one by one
+(``names_dense.faiss``, 8-bit scalar-quantised, with ``names_dense_rows.npy``): a ranking of documents by
+their closest name to the query (``retrieval.name_dense_weight``), so "seeing double" meets "Double
+vision" without sharing a word. The name table serves unsharded local indexes.
 
 >>> rrf_fuse([["a", "b"], ["b", "c"]], k=60)[0][0]
 'b'
@@ -100,6 +103,8 @@ def rrf_fuse(
 NAMES_FILE = "names.npz"
 NAMES_BM25_DIR = "bm25_names"
 CLINICAL_BM25_DIR = "bm25_clinical"
+NAMES_DENSE_FILE = "names_dense.faiss"
+NAMES_DENSE_ROWS = "names_dense_rows.npy"
 _FIELD_KEYS = frozenset({"names", "clinical"})
 """Document metadata indexed on its own (name table, name BM25, clinical BM25) and not stored per document."""
 _MAX_ROWS_PER_NAME = 20
@@ -152,6 +157,22 @@ def _field_ranking(index: Any, queries: Sequence[str], depth: int) -> list[list[
         return [[] for _ in queries]
     ids, scores = index.search(list(queries), min(depth, index.n_docs))
     return [ids[i][scores[i] > 0].tolist() for i in range(len(queries))]
+
+
+def _name_dense_ranking(index: Any, rows: np.ndarray, vectors: np.ndarray, depth: int) -> list[list[int]]:
+    """Documents ranked by their closest name (inner product with the query vector), ``depth`` at most."""
+    k = min(int(index.ntotal), 8 * depth)
+    _, nn = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    out = []
+    for hits in nn:
+        seen: dict[int, None] = {}
+        for r in rows[hits[hits >= 0]].tolist():
+            if r not in seen:
+                seen[r] = None
+                if len(seen) == depth:
+                    break
+        out.append(list(seen))
+    return out
 
 
 def _index_text(d: dict[str, Any]) -> str:
@@ -221,6 +242,7 @@ class HybridRetriever(Retriever):
         self._lock = threading.Lock()
         self._names: tuple[np.ndarray, np.ndarray] | None = None
         self._names_bm25 = self._clinical_bm25 = None
+        self._names_dense: tuple[Any, np.ndarray] | None = None  # loaded on first use (tens of MB)
         if path is not None:
             self._clinical_bm25 = _load_field_bm25(Path(path) / CLINICAL_BM25_DIR, self.config)
             if (Path(path) / NAMES_FILE).is_file():
@@ -368,6 +390,19 @@ class HybridRetriever(Retriever):
         """Per query: the rows ranked by BM25 over their names alone (empty without a name table)."""
         return _field_ranking(self._names_bm25, queries, depth)
 
+    def _name_dense(self, vectors: np.ndarray | None, depth: int) -> list[list[int]]:
+        """Per query vector: rows ranked by their closest embedded name (empty without a name embedding)."""
+        if vectors is None or self.path is None or not (self.path / NAMES_DENSE_FILE).is_file():
+            return [[] for _ in range(0 if vectors is None else len(vectors))]
+        with self._lock:
+            if self._names_dense is None:
+                from medrwr.retrieval.index.dense import _faiss
+
+                self._names_dense = (_faiss().read_index(str(self.path / NAMES_DENSE_FILE)),
+                                     np.load(self.path / NAMES_DENSE_ROWS))
+        index, rows = self._names_dense
+        return _name_dense_ranking(index, rows, vectors, depth)
+
     def _clinical(self, queries: Sequence[str], depth: int) -> list[list[int]]:
         """Per query: the rows ranked by BM25 over their clinical text alone (empty without one)."""
         return _field_ranking(self._clinical_bm25, queries, depth)
@@ -389,6 +424,7 @@ class HybridRetriever(Retriever):
             names = set(parts["names"][q]) if "names" in parts else set()
             name_rank = _first_ranks(parts["name_bm25"][q]) if "name_bm25" in parts else {}
             clinical_rank = _first_ranks(parts["clinical"][q]) if "clinical" in parts else {}
+            name_dense_rank = _first_ranks(parts["name_dense"][q]) if "name_dense" in parts else {}
             rows_info = []
             for h, row in zip(qhits, rows):
                 info: dict[str, Any] = {"doc_id": h.doc_id, "title": h.title, "source": h.source, "mode": mode,
@@ -399,6 +435,7 @@ class HybridRetriever(Retriever):
                 info["name_match"] = row in names
                 info["name_bm25_rank"] = name_rank.get(row)
                 info["clinical_rank"] = clinical_rank.get(row)
+                info["name_dense_rank"] = name_dense_rank.get(row)
                 rows_info.append(info)
             out.append(rows_info)
         return out
@@ -425,10 +462,14 @@ class HybridRetriever(Retriever):
             names = [self.name_matches(q) for q in queries] if cfg.name_weight > 0 else [[] for _ in queries]
             by_names = self._name_bm25(queries, depth) if cfg.name_bm25_weight > 0 else [[] for _ in queries]
             clinical = self._clinical(queries, depth) if cfg.clinical_weight > 0 else [[] for _ in queries]
+            name_dense = (self._name_dense(vectors, depth) if cfg.name_dense_weight > 0
+                          else [[] for _ in queries])
             parts["names"], parts["name_bm25"], parts["clinical"] = names, by_names, clinical
-            weights = [cfg.bm25_weight, cfg.dense_weight, cfg.name_weight, cfg.name_bm25_weight, cfg.clinical_weight]
-            ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0], names[i], by_names[i], clinical[i]],
-                               weights, cfg.rrf_k) for i in range(len(queries))]
+            parts["name_dense"] = name_dense
+            weights = [cfg.bm25_weight, cfg.dense_weight, cfg.name_weight, cfg.name_bm25_weight, cfg.clinical_weight,
+                       cfg.name_dense_weight]
+            ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0], names[i], by_names[i], clinical[i],
+                                name_dense[i]], weights, cfg.rrf_k) for i in range(len(queries))]
         else:
             ranked = [list(zip(rows, scores)) for rows, scores in merged[mode]]
         return ranked, parts
@@ -524,6 +565,8 @@ def build_index(
         names: dict[str, list[int]] = {}
         name_texts: list[str] = []  # per row: its names (or its title), for the name BM25
         clinical_texts: list[str] = []  # per row: its clinical presentation ("" when none)
+        name_list: list[str] = []  # every distinct name (per row, case-folded), for the name embedding
+        name_rows: list[int] = []
         try:
             for doc in tqdm(documents, desc="read documents", unit="doc", disable=not show_progress):
                 if not isinstance(doc, Document):
@@ -537,6 +580,10 @@ def build_index(
                         if not rows or rows[-1] != row:
                             rows.append(row)
                     name_texts.append("; ".join(str(x) for x in meta["names"]))
+                    for nm in dict.fromkeys(str(x).strip().casefold() for x in meta["names"]):
+                        if nm:
+                            name_list.append(nm)
+                            name_rows.append(row)
                 else:
                     name_texts.append(doc.title)
                 if meta.keys() & _FIELD_KEYS:  # indexed on their own, not stored per document
@@ -570,9 +617,12 @@ def build_index(
                     field_bm25.index(texts)
                     field_bm25.save(tmp / folder)
             del name_texts, clinical_texts
-            enc_info = dense_info = None
+            enc_info = dense_info = names_dense_info = None
             if use_dense:
-                enc_info, dense_info = _build_dense(store, tmp, cfg, encoder, show_progress)
+                enc_info, dense_info, encoder = _build_dense(store, tmp, cfg, encoder, show_progress)
+                if name_list:
+                    names_dense_info = _build_name_dense(encoder, name_list, name_rows, tmp, cfg, show_progress)
+            del name_list, name_rows
         finally:
             store.close()
         manifest: dict[str, Any] = {
@@ -593,6 +643,7 @@ def build_index(
             "build_seconds": round(time.perf_counter() - t0, 2),
             "names": {"file": NAMES_FILE, "distinct": len(names)} if names else None,
             "clinical": {"dir": CLINICAL_BM25_DIR} if (tmp / CLINICAL_BM25_DIR).is_dir() else None,
+            "names_dense": names_dense_info,
         }
         manifest.update(extra)
         write_manifest(tmp, manifest, known_sha256={DOCS_FILE: writer.corpus_sha256})
@@ -600,9 +651,37 @@ def build_index(
     return out
 
 
+def _build_name_dense(encoder: Any, names: list[str], rows: list[int], tmp: Path, cfg: RetrievalConfig,
+                      show_progress: bool) -> dict[str, Any]:
+    """Embed every name (as a passage) into an 8-bit scalar-quantised inner-product FAISS index."""
+    from medrwr.retrieval.encoders.text import encode_to_memmap
+    from medrwr.retrieval.index.dense import _faiss
+
+    faiss = _faiss()
+    scratch = tmp / "names_dense.tmp.npy"
+    emb = encode_to_memmap(encoder, iter(names), len(names), scratch, cfg.batch_size, show_progress)
+    dim = int(emb.shape[1])
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(names), size=min(len(names), 50_000), replace=False))
+    train = np.ascontiguousarray(emb[sample], dtype=np.float32)
+    faiss.normalize_L2(train)
+    index.train(train)
+    for start in range(0, len(names), 65_536):
+        block = np.ascontiguousarray(emb[start : start + 65_536], dtype=np.float32)
+        faiss.normalize_L2(block)
+        index.add(block)
+    del emb
+    scratch.unlink()
+    faiss.write_index(index, str(tmp / NAMES_DENSE_FILE))
+    np.save(tmp / NAMES_DENSE_ROWS, np.asarray(rows, dtype=np.int32))
+    return {"file": NAMES_DENSE_FILE, "rows": NAMES_DENSE_ROWS, "names": len(names), "quantizer": "SQ8",
+            "metric": "inner_product"}
+
+
 def _build_dense(
     store: DocStore, tmp: Path, cfg: RetrievalConfig, encoder: Any | str | None, show_progress: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
     from medrwr.retrieval.encoders.text import encode_to_memmap, encoder_spec, load_text_encoder
     from medrwr.retrieval.index.dense import DenseIndex
 
@@ -646,7 +725,7 @@ def _build_dense(
         "metric": "inner_product",
         "normalized": True,
     }
-    return enc_info, dense_info
+    return enc_info, dense_info, encoder
 
 
 __all__ = ["NAMES_FILE", "HybridRetriever", "build_index", "name_norm", "rrf_fuse"]
