@@ -49,15 +49,15 @@ logger = logging.getLogger(__name__)
 
 KB_NAME = "medrwr-default-kb"
 KB_VERSION = "default-kb-v5"
-"""v5: the uses of 305 common drugs and antidotes in their passages (medrwr.vocab.presentations); every concept
-name embedded on its own (a ranking by closest name); concept groups no longer depend on the hash seed; fusion
-re-tuned with a development set of clinical questions.
+"""v5: presentations of 591 more conditions and the uses of 305 common drugs and antidotes
+(medrwr.vocab.presentations); every concept name embedded on its own (a ranking by closest name); concept groups
+no longer depend on the hash seed; fusion re-tuned with a development set of clinical questions.
 v4: classic clinical presentations of common conditions in their concept passages (medrwr.vocab.presentations).
 v3: one passage per concept merged across sources, HPO disease annotations, dev-tuned weighted RRF.
 v2: drug passages without Wikipedia markup, citation fragments or mojibake (medrwr.vocab.fds.clean_drug_name)."""
 DEFAULT_ENCODER = "static-minilm"
 
-FUSION: dict[str, Any] = {"rrf_k": 5, "bm25_weight": 1.0, "dense_weight": 0.3, "name_weight": 2.0,
+FUSION: dict[str, Any] = {"rrf_k": 5, "bm25_weight": 1.0, "dense_weight": 0.5, "name_weight": 2.0,
                           "name_bm25_weight": 1.0, "clinical_weight": 2.0, "name_dense_weight": 1.0}
 """Weighted-RRF settings of the default KB, chosen on the dev splits of benchmarks/retrieval_quality.py
 (``--tune``); written to the index's ``build_config`` and ``fusion`` manifest entries."""
