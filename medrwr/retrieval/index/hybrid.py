@@ -243,7 +243,10 @@ class HybridRetriever(Retriever):
         self._names: tuple[np.ndarray, np.ndarray] | None = None
         self._names_bm25 = self._clinical_bm25 = None
         self._names_dense: tuple[Any, np.ndarray] | None = None  # loaded on first use (tens of MB)
+        self._names_dense_file: Path | None = None
         if path is not None:
+            if (Path(path) / NAMES_DENSE_FILE).is_file():
+                self._names_dense_file = Path(path) / NAMES_DENSE_FILE
             self._clinical_bm25 = _load_field_bm25(Path(path) / CLINICAL_BM25_DIR, self.config)
             if (Path(path) / NAMES_FILE).is_file():
                 with np.load(Path(path) / NAMES_FILE) as z:  # a few MB of int64: milliseconds
@@ -392,14 +395,15 @@ class HybridRetriever(Retriever):
 
     def _name_dense(self, vectors: np.ndarray | None, depth: int) -> list[list[int]]:
         """Per query vector: rows ranked by their closest embedded name (empty without a name embedding)."""
-        if vectors is None or self.path is None or not (self.path / NAMES_DENSE_FILE).is_file():
+        if vectors is None or self._names_dense_file is None:
             return [[] for _ in range(0 if vectors is None else len(vectors))]
-        with self._lock:
-            if self._names_dense is None:
-                from medrwr.retrieval.index.dense import _faiss
+        if self._names_dense is None:
+            with self._lock:
+                if self._names_dense is None:
+                    from medrwr.retrieval.index.dense import _faiss
 
-                self._names_dense = (_faiss().read_index(str(self.path / NAMES_DENSE_FILE)),
-                                     np.load(self.path / NAMES_DENSE_ROWS))
+                    f = self._names_dense_file
+                    self._names_dense = (_faiss().read_index(str(f)), np.load(f.with_name(NAMES_DENSE_ROWS)))
         index, rows = self._names_dense
         return _name_dense_ranking(index, rows, vectors, depth)
 
@@ -464,8 +468,7 @@ class HybridRetriever(Retriever):
             clinical = self._clinical(queries, depth) if cfg.clinical_weight > 0 else [[] for _ in queries]
             name_dense = (self._name_dense(vectors, depth) if cfg.name_dense_weight > 0
                           else [[] for _ in queries])
-            parts["names"], parts["name_bm25"], parts["clinical"] = names, by_names, clinical
-            parts["name_dense"] = name_dense
+            parts.update(names=names, name_bm25=by_names, clinical=clinical, name_dense=name_dense)
             weights = [cfg.bm25_weight, cfg.dense_weight, cfg.name_weight, cfg.name_bm25_weight, cfg.clinical_weight,
                        cfg.name_dense_weight]
             ranked = [rrf_fuse([merged["bm25"][i][0], merged["dense"][i][0], names[i], by_names[i], clinical[i],
